@@ -1,0 +1,1 @@
+"""Quality proxies, reports and plots."""

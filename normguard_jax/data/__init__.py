@@ -1,0 +1,1 @@
+"""Data sources: the bundled scikit-learn digits for the CPU default."""

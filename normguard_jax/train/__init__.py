@@ -1,0 +1,1 @@
+"""Train state, fused velocity forward, train step, rollout, loop, checkpoints and logging."""

@@ -1,0 +1,41 @@
+"""python -m normguard_jax.train --config configs/tiny_digits.py[:smoke] --workdir DIR [--config.a.b=v ...]"""
+
+import argparse
+import logging
+import sys
+
+from normguard_jax import config as config_lib
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m normguard_jax.train", description=__doc__)
+  parser.add_argument("--config", default="configs/tiny_digits.py",
+                      help="config file, optionally with a variant: path.py[:arg]")
+  parser.add_argument("--workdir", required=True, help="output directory (its parent must exist)")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognised argument {item!r}; overrides look like --config.rl.iterations=50")
+    overrides.append(item[len("--config."):])
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+  try:
+    cfg = config_lib.apply_overrides(config_lib.load(args.config), overrides)
+    config_lib.validate(cfg)
+    from normguard_jax.train import loop  # heavy imports after the config is known to be good
+    workdir = loop.prepare_workdir(args.workdir)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  report = loop.run(cfg, workdir)
+  failed = [r["name"] for r in report["runs"] if r["status"] != "ok"]
+  print(f"report: {workdir}/report.json")
+  if failed:
+    print(f"error: runs did not finish cleanly: {failed} (see report.json)", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,38 @@
+"""Metric writers: JSONL (one object per step) and TensorBoard (tensorboardX), flushed as they go."""
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def to_python(d):
+  out = {}
+  for k, v in d.items():
+    v = np.asarray(v)
+    out[k] = v.tolist() if v.ndim else float(v)
+  return out
+
+
+class MetricWriter:
+  def __init__(self, logdir, tensorboard=True):
+    os.makedirs(logdir, exist_ok=True)
+    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", buffering=1)
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(logdir, "tb"))
+
+  def write(self, step, scalars, prefix=""):
+    scalars = to_python(scalars)
+    self._jsonl.write(json.dumps({"step": int(step), **{prefix + k: v for k, v in scalars.items()}}) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if isinstance(v, float) and math.isfinite(v):
+          self._tb.add_scalar(prefix + k, v, int(step))
+
+  def close(self):
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

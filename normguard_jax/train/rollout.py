@@ -1,0 +1,42 @@
+"""Rollout: sample with the sampling policy as a lax.scan, with rho_k against the reference on the
+same trajectory (DESIGN.md §3, "Rollout"), then score with the reward."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from normguard_jax.flow import norms, samplers, schedules
+
+
+def rollout(sample_vars, ref_vars, cond, key, *, apply_fn, image_shape, num_steps, shift, cfg_scale,
+            null_cond, noise_level, lora, track_rho=True):
+  """Returns dict: x0 (B, ...), xs (K+1, B, ...), log_probs (K, B), grid (K+1,), rho (K, B),
+  norm (K, B), norm_ref (K, B). With LoRA, ``ref_vars`` are called with the adapter gated off."""
+  b = cond.shape[0]
+  k_noise, k_sde = jax.random.split(key)
+  x1 = jax.random.normal(k_noise, (b,) + tuple(image_shape), jnp.float32)
+  grid = schedules.sampling_grid(num_steps, shift)
+  ref_gate = jnp.zeros((b, 1), jnp.float32) if lora else None
+  uncond = jnp.full_like(cond, null_cond)
+
+  def guided(variables, gate, x, t):
+    v = apply_fn(variables, x, t, cond, gate)
+    if cfg_scale == 1.0:
+      return v
+    return samplers.cfg_combine(v, apply_fn(variables, x, t, uncond, gate), cfg_scale)
+
+  def velocity_fn(x, t):
+    v = guided(sample_vars, None, x, t)
+    n = norms.velocity_norm(v)
+    n_ref = norms.velocity_norm(guided(ref_vars, ref_gate, x, t)) if track_rho else n
+    return v, {"norm": n, "norm_ref": n_ref}
+
+  traj = samplers.sample(velocity_fn, x1, grid, k_sde if noise_level > 0 else None, noise_level=noise_level)
+  return {"x0": traj.xs[-1], "xs": traj.xs, "log_probs": traj.log_probs, "grid": grid,
+          "norm": traj.aux["norm"], "norm_ref": traj.aux["norm_ref"],
+          "rho": traj.aux["norm"] / jnp.maximum(traj.aux["norm_ref"], 1e-12)}
+
+
+def make_rollout(**kwargs):
+  return jax.jit(functools.partial(rollout, **kwargs))

@@ -1,0 +1,58 @@
+"""The train step: fused velocities -> base loss + lambda * NormGuard -> one backward -> optax chain.
+
+lambda is read from the optimizer state before the backward pass (rl/normguard.py); the hinge
+statistics go back into the chain as extra args. A step whose loss or gradients are not finite is
+skipped: params and optimizer state are kept, and ``skipped`` = 1 is logged.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from normguard_jax.rl import losses as losses_lib
+from normguard_jax.rl import normguard as ng
+from normguard_jax.train import fused
+
+
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def train_step(state, batch, *, method, apply_fn, optimizer, loss_cfg, ng_cfg, strategy="split"):
+  """(state, batch) -> (state, metrics). ``batch`` holds x_t, t, cond and the loss's own fields."""
+  base_loss = losses_lib.BASE_LOSSES[method]
+  lam = ng.current_lambda(state.opt_state)
+
+  def loss_fn(trainable):
+    vel = fused.fused_velocities(apply_fn, trainable, state.frozen, state.old, batch["x_t"], batch["t"],
+                                 batch["cond"], lora=state.lora, strategy=strategy)
+    base, metrics = base_loss(vel, batch, loss_cfg)
+    penalty, ng_metrics = ng.normguard_penalty(vel.policy, vel.ref, ng_cfg, t=batch["t"])
+    total = base + lam * penalty
+    return total, (base, penalty, metrics, ng_metrics)
+
+  (total, (base, penalty, metrics, ng_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.trainable)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable,
+                                        ng_excess=ng_metrics["ng_excess"],
+                                        ng_active_frac=ng_metrics["ng_active_frac"])
+  trainable = optax.apply_updates(state.trainable, updates)
+  finite = jnp.isfinite(total) & _all_finite(grads)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(step=state.step + finite.astype(jnp.int32),
+                            trainable=keep(trainable, state.trainable),
+                            opt_state=keep(opt_state, state.opt_state))
+  weighted = lam * penalty
+  out = dict(metrics, **ng_metrics)
+  out.update(loss=total, base_loss=base, ng_lambda=lam,
+             ng_share=jnp.abs(weighted) / jnp.maximum(jnp.abs(base) + jnp.abs(weighted), 1e-12),
+             grad_norm=optax.global_norm(grads), skipped=1.0 - finite.astype(jnp.float32))
+  return new_state, out
+
+
+def make_train_step(**kwargs):
+  """Jitted train step with the state donated."""
+  return jax.jit(functools.partial(train_step, **kwargs), donate_argnums=(0,))

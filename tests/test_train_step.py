@@ -1,0 +1,100 @@
+"""Tier 1/5: the train step. NormGuard via the optax chain equals the in-loss form for a fixed lambda;
+a non-finite step is skipped without touching the state."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from normguard_jax.models import dit
+from normguard_jax.rl import normguard as ng
+from normguard_jax.rl.nft import nft_loss
+from normguard_jax.train import fused, state as state_lib, step as step_lib
+
+from tests.helpers import apply_fn_for, inputs, randomize, tiny_model
+
+NG = ml_collections.ConfigDict(dict(mode="relative", hinge="linear", margin=0.0, t_min=0.0))
+NFT = ml_collections.ConfigDict(dict(beta=1.0, adv_clip_max=5.0, kl_beta=0.0))
+
+
+def _setup(lam=None, lr=1e-2):
+  cfg = tiny_model(4, targets=("qkv", "proj", "mlp"))
+  variables = dit.init(cfg, jax.random.PRNGKey(0))
+  base = randomize(variables["params"], 1)
+  lora = randomize(variables["lora"], 2, scale=0.2)
+  parts = [] if lam is None else [ng.normguard_lambda("constant", lam)]
+  tx = optax.chain(*parts, optax.clip_by_global_norm(1.0), optax.adam(lr))
+  st = state_lib.create(lora, base, tx, jax.random.PRNGKey(3), lora=True, with_old=True)
+  st = st.replace(old=randomize(st.old, 4, scale=0.2))
+  x, t, c = inputs(6)
+  x0 = jax.random.normal(jax.random.PRNGKey(9), x.shape)
+  batch = {"x_t": (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x, "t": t, "cond": c,
+           "x0": x0, "eps": x, "adv": jnp.linspace(-3, 3, 6)}
+  return cfg, tx, st, batch
+
+
+def test_chain_lambda_equals_in_loss_penalty_for_fixed_lambda():
+  lam = 2.5
+  cfg, tx, st, batch = _setup(lam=lam)
+  apply_fn = apply_fn_for(cfg)
+  step = jax.jit(functools.partial(step_lib.train_step, method="nft", apply_fn=apply_fn, optimizer=tx,
+                                   loss_cfg=NFT, ng_cfg=NG))
+  new_st, m = step(st, batch)
+  assert float(m["ng_lambda"]) == lam and float(m["ng_penalty"]) > 0  # the hinge is active here
+
+  # the plain form: lambda as a Python constant inside the loss, and a chain without the transform
+  plain_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+  def loss(l):
+    vel = fused.separate_velocities(apply_fn, l, st.frozen, st.old, batch["x_t"], batch["t"], batch["cond"], lora=True)
+    vel = fused.Velocities(vel.policy, jax.lax.stop_gradient(vel.ref), jax.lax.stop_gradient(vel.old))
+    return nft_loss(vel, batch, NFT)[0] + lam * ng.normguard_penalty(vel.policy, vel.ref, NG)[0]
+  total, grads = jax.value_and_grad(loss)(st.trainable)
+  updates, _ = plain_tx.update(grads, plain_tx.init(st.trainable), st.trainable)
+  want = optax.apply_updates(st.trainable, updates)
+  np.testing.assert_allclose(m["loss"], total, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(new_st.trainable), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # and lambda = 0 (no transform) gives a different update: the test can fail
+  _, _, st0, _ = _setup(lam=None)
+  new0, m0 = jax.jit(functools.partial(step_lib.train_step, method="nft", apply_fn=apply_fn, optimizer=plain_tx,
+                                       loss_cfg=NFT, ng_cfg=NG))(st0, batch)
+  assert float(m0["ng_lambda"]) == 0.0
+  diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(new0.trainable),
+                                                        jax.tree_util.tree_leaves(want))]
+  assert max(diffs) > 1e-6
+
+
+def test_hinge_metrics_and_penalty_share():
+  cfg, tx, st, batch = _setup(lam=1.0)
+  step = jax.jit(functools.partial(step_lib.train_step, method="nft", apply_fn=apply_fn_for(cfg), optimizer=tx,
+                                   loss_cfg=NFT, ng_cfg=NG))
+  _, m = step(st, batch)
+  share = float(m["ng_share"])
+  assert 0.0 < share < 1.0
+  np.testing.assert_allclose(share, m["ng_penalty"] / (abs(m["base_loss"]) + m["ng_penalty"]), rtol=1e-5)
+  assert 0.0 <= float(m["ng_active_frac"]) <= 1.0 and float(m["ng_mean_rho"]) > 0
+
+
+@pytest.mark.parametrize("field", ["x_t", "adv"])
+def test_non_finite_step_is_skipped_and_state_kept(field):
+  cfg, tx, st, batch = _setup(lam=1.0)
+  before = jax.tree_util.tree_map(np.asarray, (st.trainable, st.opt_state))
+  batch = dict(batch)
+  batch[field] = batch[field].at[0].set(jnp.nan)
+  step = step_lib.make_train_step(method="nft", apply_fn=apply_fn_for(cfg), optimizer=tx, loss_cfg=NFT, ng_cfg=NG)
+  new_st, m = step(st, batch)
+  assert float(m["skipped"]) == 1.0
+  assert int(new_st.step) == 0
+  after = jax.tree_util.tree_map(np.asarray, (new_st.trainable, new_st.opt_state))
+  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_old_policy_decay_schedule():
+  np.testing.assert_allclose([float(state_lib.old_decay(s, 0.001, 0.5)) for s in (0, 10, 600)], [0, 0.01, 0.5])
+  old, new = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+  np.testing.assert_allclose(state_lib.ema_update(old, new, 0.25)["w"], 0.75)
