@@ -28,7 +28,7 @@ def get_config(arg=None):
 
   c.reward = dict(terms={"contrast": 1.0})
 
-  c.rl = dict(methods="nft", normguard="off,on", iterations=150, lr=3e-4, b1=0.9, b2=0.999,
+  c.rl = dict(methods="nft,awm,dpo", normguard="off,on", iterations=150, lr=1e-4, b1=0.9, b2=0.999,
               weight_decay=1e-4, grad_clip=1.0, lora_rank=8, lora_alpha=16.0, lora_targets="qkv,proj,mlp",
               fusion="split", num_train_timesteps=4, timestep_fraction=0.9, global_std=True,
               old_ramp=0.001, old_max_decay=0.5, max_consecutive_skips=10)

@@ -17,7 +17,7 @@ def _frechet(a, b):
   mu_a, mu_b = a.mean(0), b.mean(0)
   ridge = 1e-6 * np.eye(a.shape[1])  # small sets give singular covariances
   ca, cb = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
-  covmean, _ = linalg.sqrtm(ca @ cb, disp=False)
+  covmean = linalg.sqrtm(ca @ cb)
   covmean = np.real(covmean)
   return float(np.sum((mu_a - mu_b) ** 2) + np.trace(ca + cb - 2.0 * covmean))
 

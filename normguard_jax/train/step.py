@@ -49,7 +49,7 @@ def train_step(state, batch, *, method, apply_fn, optimizer, loss_cfg, ng_cfg, s
   out = dict(metrics, **ng_metrics)
   out.update(loss=total, base_loss=base, ng_lambda=lam,
              ng_share=jnp.abs(weighted) / jnp.maximum(jnp.abs(base) + jnp.abs(weighted), 1e-12),
-             grad_norm=optax.global_norm(grads), skipped=1.0 - finite.astype(jnp.float32))
+             grad_norm=optax.tree.norm(grads), skipped=1.0 - finite.astype(jnp.float32))
   return new_state, out
 
 
