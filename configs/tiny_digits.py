@@ -43,6 +43,9 @@ def get_config(arg=None):
 
   c.eval = dict(every=25, samples_per_class=10, grid_per_class=8)
 
+  # Per-run orbax checkpoints of the full train state; rerunning the same command on the workdir resumes.
+  c.checkpoint = dict(every=25, keep=2, async_save=True)
+
   if arg == "smoke":
     c.pretrain.steps = 60
     c.pretrain.batch_size = 64
@@ -54,6 +57,7 @@ def get_config(arg=None):
     c.eval.every = 2
     c.eval.samples_per_class = 2
     c.eval.grid_per_class = 2
+    c.checkpoint.every = 2
   elif arg not in (None, ""):
     raise ValueError(f"unknown config variant {arg!r}; expected '' or 'smoke'")
   return c

@@ -15,7 +15,7 @@ CFG = "configs/tiny_digits.py:smoke"
 
 def _cfg(tmp_path, *overrides):
   cfg = config_lib.load(CFG)
-  return config_lib.apply_overrides(cfg, [f"pretrain.cache_dir={tmp_path / 'cache'}", *overrides])
+  return config_lib.apply_overrides(cfg, [f"pretrain.cache_dir={tmp_path / 'cache'}", "rl.methods=nft", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,75 @@ def test_nan_reward_marks_the_run_diverged_and_keeps_the_others(tmp_path, monkey
   assert status["nft_ng"] == "ok"
   assert (tmp_path / "w" / "report.json").exists()
   assert (tmp_path / "w" / "runs" / "nft_base" / "metrics.jsonl").exists()
+
+
+def test_full_finetuning_keeps_the_reference_in_the_state(tmp_path):
+  cfg = _cfg(tmp_path, "rl.lora_rank=0", "rl.normguard=on", "pretrain.steps=5", "rl.iterations=2")
+  report = loop.run(cfg, str(tmp_path / "w"))
+  (run,) = report["runs"]
+  assert run["status"] == "ok"
+  assert run["mean_rho_start"] == pytest.approx(1.0)  # policy starts as a copy of the reference
+  assert run["mean_rho_end"] != pytest.approx(1.0, abs=1e-7)  # and moves away from it
+
+
+def _run_cli(workdir, cache, *extra, timeout=300):
+  import subprocess
+  import sys
+  return subprocess.Popen([sys.executable, "-m", "normguard_jax.train", "--config", CFG, "--workdir", str(workdir),
+                           f"--config.pretrain.cache_dir={cache}", "--config.rl.methods=nft",
+                           "--config.rl.normguard=on", "--config.rl.iterations=8", "--config.checkpoint.every=3",
+                           *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _final_state(workdir):
+  from normguard_jax.train import checkpoint as ckpt_lib
+  import orbax.checkpoint as ocp
+  d = workdir / "runs" / "nft_ng" / "checkpoints"
+  steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+  out = ocp.CheckpointManager(str(d)).restore(steps[-1], args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  return out.state, out.meta
+
+
+def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+  import random
+  import signal
+  import time
+  cache = tmp_path / "cache"
+  full = _run_cli(tmp_path / "full", cache)
+  assert full.wait(timeout=300) == 0, full.stderr.read()[-2000:]
+  kill_at = random.Random().randint(1, 6)
+  part = _run_cli(tmp_path / "part", cache)
+  log = tmp_path / "part" / "runs" / "nft_ng" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if log.exists() and sum('"train/loss"' in l for l in log.read_text().splitlines()) >= kill_at:
+      break
+    time.sleep(0.05)
+  part.send_signal(signal.SIGTERM)
+  rc = part.wait(timeout=120)
+  err = part.stderr.read()
+  assert rc == 3 and "preempted" in err, err[-2000:]
+  report = json.loads((tmp_path / "part" / "report.json").read_text())
+  assert report["runs"][0]["status"] == "preempted"
+  again = _run_cli(tmp_path / "part", cache)
+  assert again.wait(timeout=300) == 0, again.stderr.read()[-2000:]
+  s_full, m_full = _final_state(tmp_path / "full")
+  s_part, m_part = _final_state(tmp_path / "part")
+  import jax
+  import numpy as np
+  for a, b in zip(jax.tree_util.tree_leaves(s_full), jax.tree_util.tree_leaves(s_part)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert m_full["history"] == m_part["history"]
+  lines = lambda w: [json.loads(l) for l in (w / "runs" / "nft_ng" / "metrics.jsonl").read_text().splitlines()]
+  train = lambda w: [l for l in lines(w) if "train/loss" in l]
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "train/wall_s"} for r in rows]
+  assert strip(train(tmp_path / "full")) == strip(train(tmp_path / "part"))
+
+
+def test_changed_config_on_the_same_workdir_is_refused(tmp_path):
+  cfg = _cfg(tmp_path, "rl.iterations=1", "rl.normguard=on", "pretrain.steps=5")
+  loop.run(cfg, str(tmp_path / "w"))
+  cfg2 = _cfg(tmp_path, "rl.iterations=1", "rl.normguard=on", "pretrain.steps=5", "rl.lr=0.5")
+  with pytest.raises(config_lib.ConfigError, match=r"different config \(fields \['rl.lr'\]\)"):
+    loop.run(cfg2, str(tmp_path / "w"))

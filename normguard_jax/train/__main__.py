@@ -28,9 +28,14 @@ def main(argv=None):
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  report = loop.run(cfg, workdir)
-  failed = [r["name"] for r in report["runs"] if r["status"] != "ok"]
+  from normguard_jax.train.checkpoint import PreemptionGuard
+  with PreemptionGuard() as guard:
+    report = loop.run(cfg, workdir, guard)
   print(f"report: {workdir}/report.json")
+  if any(r["status"] == "preempted" for r in report["runs"]):
+    print("preempted (SIGTERM): checkpoint saved; rerun the same command to resume", file=sys.stderr)
+    return 3
+  failed = [r["name"] for r in report["runs"] if r["status"] != "ok"]
   if failed:
     print(f"error: runs did not finish cleanly: {failed} (see report.json)", file=sys.stderr)
     return 1

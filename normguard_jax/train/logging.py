@@ -16,9 +16,19 @@ def to_python(d):
 
 
 class MetricWriter:
-  def __init__(self, logdir, tensorboard=True):
+  """``truncate_after``: on resume, drop JSONL lines of steps after the restored checkpoint, so the log reads as
+  one uninterrupted run (TensorBoard shows the overlap; it keeps the last value per step)."""
+
+  def __init__(self, logdir, tensorboard=True, truncate_after=None):
     os.makedirs(logdir, exist_ok=True)
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", buffering=1)
+    path = os.path.join(logdir, "metrics.jsonl")
+    if truncate_after is not None and os.path.exists(path):
+      with open(path) as f:
+        keep = [l for l in f if l.strip() and json.loads(l)["step"] <= truncate_after]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a", buffering=1)
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter

@@ -25,6 +25,7 @@ from normguard_jax.rewards.api import make_reward
 from normguard_jax.rl import advantages
 from normguard_jax.rl.losses import needs_old
 from normguard_jax.train import batches, optim, pretrain as pretrain_lib, rollout as rollout_lib
+from normguard_jax.train import checkpoint as ckpt_lib
 from normguard_jax.train import state as state_lib
 from normguard_jax.train import step as step_lib
 from normguard_jax.train.logging import MetricWriter, to_python
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
   pass
+
+
+class Preempted(RuntimeError):
+  """SIGTERM arrived; the run saved a checkpoint and stopped. Rerun the same command to resume."""
 
 
 def model_config(cfg, lora_rank=0):
@@ -91,8 +96,13 @@ class Evaluator:
     return out, x0
 
 
-def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key):
-  """One online RL run. Returns a result dict with its eval history."""
+def _abstract(tree):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, guard=None):
+  """One online RL run, resumed from its latest checkpoint when there is one. Returns a result dict with its
+  eval history. Raises Preempted after saving when ``guard`` saw SIGTERM."""
   rl = cfg.rl
   lora = rl.lora_rank > 0
   model_cfg = model_config(cfg, rl.lora_rank)
@@ -132,9 +142,23 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key):
     decay = state_lib.old_decay(state.step, rl.old_ramp, rl.old_max_decay)
     return state.replace(old=state_lib.ema_update(state.old, state.trainable, decay))
 
-  writer = MetricWriter(run_dir)
-  history, consecutive_skips, t_start = [], 0, time.time()
   name = os.path.basename(run_dir)
+  ckpt = ckpt_lib.RunCheckpointer(os.path.join(run_dir, "checkpoints"), every=cfg.checkpoint.every,
+                                  keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+  history, consecutive_skips, t_start, start_it = [], 0, time.time(), 1
+  restored = ckpt.restore_latest(_abstract(state))
+  if restored is not None:
+    it0, state, saved = restored
+    history, start_it = saved["history"], it0 + 1
+    log.info("%s: resumed from the checkpoint at iteration %d", name, it0)
+    if saved.get("done"):  # finished before: reuse it
+      ckpt.close()
+      return dict(saved["result"], samples=np.asarray(saved["samples"], np.float32))
+  writer = MetricWriter(run_dir, truncate_after=start_it - 1 if restored is not None else None)
+
+  def meta(it, **extra):
+    return dict({"iteration": it, "history": history, "name": name, "method": method, "normguard": use_ng},
+                **extra)
 
   def evaluate(it):
     ev, x0 = evaluator(state.policy_variables(), state.ref_variables(), model_cfg, lora)
@@ -143,9 +167,12 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key):
     writer.write(it, {k: v for k, v in ev.items() if not isinstance(v, list)}, prefix="eval/")
     return x0
 
+  x0 = None
   try:
-    evaluate(0)
-    bar = tqdm(range(1, rl.iterations + 1), desc=f"RL {name}", unit="it", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    if not history:
+      x0 = evaluate(0)
+    bar = tqdm(range(start_it, rl.iterations + 1), desc=f"RL {name}", unit="it", dynamic_ncols=True,
+               initial=start_it - 1, total=rl.iterations, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     for it in bar:
       k_prompt, k_roll, k_batch = jax.random.split(jax.random.fold_in(k_loop, it), 3)
       cond = jnp.repeat(jax.random.randint(k_prompt, (r.prompts_per_iter,), 0, cfg.model.num_classes), r.group_size)
@@ -170,6 +197,11 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key):
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", rho=f"{metrics['rollout_mean_rho']:.3f}")
       if it % cfg.eval.every == 0 or it == rl.iterations:
         x0 = evaluate(it)
+      if guard is not None and guard.requested:
+        ckpt.save(it, state, meta(it), force=True)
+        ckpt.wait()
+        raise Preempted(f"{name}: SIGTERM at iteration {it}; checkpoint saved in {ckpt.directory}")
+      ckpt.save(it, state, meta(it))
     status, error = "ok", None
   except TrainingDiverged as e:
     status, error = "diverged", str(e)
@@ -177,16 +209,40 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key):
     x0 = evaluate(int(state.step))  # record where the run stopped
   finally:
     writer.close()
-  return {"name": name, "method": method, "normguard": use_ng, "status": status, "error": error,
-          "history": history, "samples": x0, "wall_s": time.time() - t_start}
+  if x0 is None:  # resumed at the very end
+    _, x0 = evaluator(state.policy_variables(), state.ref_variables(), model_cfg, lora)
+  result = {"name": name, "method": method, "normguard": use_ng, "status": status, "error": error,
+            "history": history, "wall_s": time.time() - t_start}
+  done_it = max(rl.iterations, int(history[-1]["iteration"]) if history else 0) + 1
+  ckpt.save(done_it, state, meta(done_it, done=True, result=result, samples=np.asarray(x0).tolist()), force=True)
+  ckpt.close()
+  return dict(result, samples=x0)
 
 
-def run(cfg, workdir):
-  """The whole job. Returns the report dict (also written to workdir/report.json)."""
+def _check_same_config(workdir, cfg):
+  """A workdir holds one experiment: resuming with another config would mix results, so refuse clearly."""
+  path = os.path.join(workdir, "config.json")
+  now = json.loads(cfg.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    if before != now:
+      flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (
+          flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
+      a, b = flat(before), flat(now)
+      diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+      raise config_lib.ConfigError(f"workdir {workdir} holds a run with a different config (fields {diff}); "
+                                   "use a new --workdir, or the same config to resume")
+  with open(path, "w") as f:
+    json.dump(now, f, indent=2)
+
+
+def run(cfg, workdir, guard=None):
+  """The whole job. Returns the report dict (also written to workdir/report.json). Rerunning the same command
+  on the same workdir resumes: finished runs are reused and the others continue from their last checkpoint."""
   config_lib.validate(cfg)
   workdir = prepare_workdir(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  _check_same_config(workdir, cfg)
   images, labels = digits.load_digits()
   quality = quality_lib.DigitQuality(seed=cfg.seed)
   reward_fn = make_reward(dict(cfg.reward.terms))
@@ -194,7 +250,8 @@ def run(cfg, workdir):
 
   t0 = time.time()
   writer = MetricWriter(os.path.join(workdir, "runs", "pretrain"))
-  ref_params, pre_info = pretrain_lib.load_or_pretrain(ref_cfg, cfg.pretrain, images, labels, cfg.seed, writer)
+  ref_params, pre_info = pretrain_lib.load_or_pretrain(ref_cfg, cfg.pretrain, images, labels, cfg.seed, writer,
+                                                          guard)
   writer.close()
   pre_info["wall_s"] = time.time() - t0
   evaluator = Evaluator(cfg, quality, reward_fn, ref_cfg)
@@ -208,15 +265,21 @@ def run(cfg, workdir):
     for method in config_lib.csv(cfg.rl.methods):
       for setting in config_lib.csv(cfg.rl.normguard):
         name = f"{method}_{'ng' if setting == 'on' else 'base'}"
-        run_dir = os.path.join(workdir, "runs", name)
+        stub = {"name": name, "method": method, "normguard": setting == "on", "history": [], "samples": None}
         key = jax.random.PRNGKey(cfg.seed + 1)  # same key for the pair: matched rollouts at the start
         try:
-          results.append(run_rl(cfg, method, setting == "on", ref_params, evaluator, reward_fn, run_dir, key))
+          results.append(run_rl(cfg, method, setting == "on", ref_params, evaluator, reward_fn,
+                                os.path.join(workdir, "runs", name), key, guard))
+        except Preempted as e:
+          results.append(dict(stub, status="preempted", error=str(e)))
+          break
         except Exception as e:  # record, keep going, never lose the other runs
           log.error("run %s failed: %s", name, e)
-          results.append({"name": name, "method": method, "normguard": setting == "on", "status": "failed",
-                          "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                          "history": [], "samples": None})
+          results.append(dict(stub, status="failed", error=f"{type(e).__name__}: {e}",
+                              traceback=traceback.format_exc()))
+      else:
+        continue
+      break
   finally:
     report = report_lib.write_report(workdir, cfg, pre_info, ref_eval, ref_x0, real_quality, results,
                                      evaluator.cond)

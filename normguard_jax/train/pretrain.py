@@ -46,8 +46,9 @@ def flow_matching_loss(params, batch, key, *, cfg: dit.DiTConfig, pre_cfg):
   return jnp.mean(jnp.square(v - (eps - x0)))
 
 
-def pretrain(model_cfg: dit.DiTConfig, pre_cfg, images, labels, key, writer=None):
-  """Trains from scratch; returns the params tree."""
+def pretrain(model_cfg: dit.DiTConfig, pre_cfg, images, labels, key, writer=None, guard=None):
+  """Trains from scratch; returns the params tree. Stops with an error if ``guard`` saw SIGTERM (nothing is
+  cached then; the next run pretrains again)."""
   k_init, k_loop = jax.random.split(key)
   params = dit.init(model_cfg, k_init)["params"]
   sched = optax.warmup_cosine_decay_schedule(0.0, pre_cfg.lr, max(pre_cfg.warmup_steps, 1),
@@ -70,6 +71,8 @@ def pretrain(model_cfg: dit.DiTConfig, pre_cfg, images, labels, key, writer=None
   for i in bar:
     params, opt_state, loss = step(params, opt_state, jax.random.fold_in(k_loop, i))
     losses.append(loss)
+    if guard is not None and guard.requested:
+      raise InterruptedError("SIGTERM during pretraining: the reference was not cached; rerun to pretrain again")
     if (i + 1) % pre_cfg.log_every == 0 or i + 1 == pre_cfg.steps:
       recent = float(np.mean(jax.device_get(losses[-pre_cfg.log_every:])))
       bar.set_postfix(loss=f"{recent:.4f}")
@@ -78,7 +81,7 @@ def pretrain(model_cfg: dit.DiTConfig, pre_cfg, images, labels, key, writer=None
   return params
 
 
-def load_or_pretrain(model_cfg, pre_cfg, images, labels, seed, writer=None):
+def load_or_pretrain(model_cfg, pre_cfg, images, labels, seed, writer=None, guard=None):
   """Returns (params, info). Restores the orbax cache when present and readable; else trains and saves."""
   cache_root = os.path.abspath(os.path.expanduser(pre_cfg.cache_dir))
   path = os.path.join(cache_root, cache_key(model_cfg, pre_cfg, seed))
@@ -91,7 +94,7 @@ def load_or_pretrain(model_cfg, pre_cfg, images, labels, seed, writer=None):
     except Exception as e:  # a corrupt or partial cache is rebuilt, never trusted
       log.warning("pretrain cache at %s is unreadable (%s); pretraining again", path, e)
       shutil.rmtree(path, ignore_errors=True)
-  params = pretrain(model_cfg, pre_cfg, images, labels, jax.random.PRNGKey(seed), writer)
+  params = pretrain(model_cfg, pre_cfg, images, labels, jax.random.PRNGKey(seed), writer, guard)
   os.makedirs(cache_root, exist_ok=True)
   ckptr.save(path, params)
   ckptr.wait_until_finished()

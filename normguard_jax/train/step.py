@@ -56,3 +56,16 @@ def train_step(state, batch, *, method, apply_fn, optimizer, loss_cfg, ng_cfg, s
 def make_train_step(**kwargs):
   """Jitted train step with the state donated."""
   return jax.jit(functools.partial(train_step, **kwargs), donate_argnums=(0,))
+
+
+def make_sharded_train_step(mesh, state, batch, **kwargs):
+  """The train step as one ``jax.jit`` with explicit in/out shardings from the rules table and the state donated.
+
+  ``state`` and ``batch`` may be concrete or abstract (ShapeDtypeStruct) trees; metrics come back replicated.
+  The reference params (``state.frozen``) get the same shardings as the policy's, by the same rules.
+  """
+  from normguard_jax.parallel import rules, sharding  # keep the single-device path import-light
+  state_sh = rules.tree_shardings(state, mesh)
+  batch_sh = sharding.batch_shardings(batch, mesh)
+  return jax.jit(functools.partial(train_step, **kwargs), in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,)), state_sh, batch_sh

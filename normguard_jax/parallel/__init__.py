@@ -1,0 +1,1 @@
+"""Mesh, the logical-axis rules table, sharding helpers and multi-host initialisation (DESIGN.md §5)."""
