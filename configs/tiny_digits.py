@@ -43,6 +43,9 @@ def get_config(arg=None):
 
   c.eval = dict(every=25, samples_per_class=10, grid_per_class=8)
 
+  # Device mesh (parallel/mesh.py): one axis -1 takes the remaining devices. On one CPU device all are 1.
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+
   # Per-run orbax checkpoints of the full train state; rerunning the same command on the workdir resumes.
   c.checkpoint = dict(every=25, keep=2, async_save=True)
 

@@ -62,7 +62,7 @@ def test_sharded_step_equals_single_device(lora_rank, axes):
   want_state, want_m = _host(step_lib.make_train_step(**kwargs)(jax.tree_util.tree_map(jnp.copy, st), batch))
   mesh = _mesh(*axes)
   st2, batch2, _ = _setup(lora_rank)
-  step, state_sh, batch_sh = step_lib.make_sharded_train_step(mesh, st2, batch2, **kwargs)
+  step, state_sh, batch_sh = step_lib.make_sharded_train_step(mesh, st2, **kwargs)
   st2, batch2 = jax.device_put(st2, state_sh), jax.device_put(batch2, batch_sh)
   got_state, got_m = step(st2, batch2)
   leaf = jax.tree_util.tree_leaves(got_state.trainable)[0]
@@ -88,8 +88,24 @@ def _spec_table(mesh):
   return table
 
 
+def _mmdit_spec_table(mesh):
+  from normguard_jax.models import mmdit
+  table = {}
+  for scan in (False, True):
+    cfg = mmdit.MMDiTConfig(sample_size=16, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+                            joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+                            pos_embed_max_size=16, dual_attention_layers=(0, 1), qk_norm="rms_norm", lora_rank=4,
+                            scan_layers=scan)
+    abstract = mmdit.param_shapes(cfg)
+    specs = rules.tree_partition_specs(abstract, mesh)
+    for path, spec in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+      table[f"mmdit_scan{int(scan)}/" + rules._path_str(path)] = str(spec)
+  return table
+
+
 def test_param_partition_specs_match_golden():
-  table = {f"{d}x{f}x{t}": _spec_table(_mesh(d, f, t)) for d, f, t in [(2, 4, 1), (2, 2, 2), (1, 8, 1)]}
+  table = {f"{d}x{f}x{t}": dict(_spec_table(_mesh(d, f, t)), **_mmdit_spec_table(_mesh(d, f, t)))
+           for d, f, t in [(2, 4, 1), (2, 2, 2), (1, 8, 1)]}
   if os.environ.get("NORMGUARD_UPDATE_GOLDEN"):
     os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
     with open(GOLDEN, "w") as f:

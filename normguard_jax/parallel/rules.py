@@ -21,12 +21,17 @@ LOGICAL_RULES = (
     ("kv", None),
     ("length", None),              # tokens
     ("layers", None),              # the scanned layer axis is never sharded
-    ("vocab", None), ("patch", None), ("freq", None), ("out_channels", None),
+    ("vocab", None), ("patch", None), ("freq", None), ("out_channels", None), ("in_channels", None),
+    ("text_embed", None),
     ("lora_rank", None), ("adapters", None),
 )
 
 # (path-suffix regex, logical axes of the kernel/param dims, without the scanned 'layers' axis)
 PARAM_AXES = (
+    # specific paths first: a later, shorter pattern may also match their suffix
+    (r"(^|/)pos_embed/proj/kernel$", ("patch", "patch", "in_channels", "embed")),
+    (r"(^|/)pos_embed/proj/bias$", ("embed",)),
+    # tiny DiT (models/dit.py)
     (r"(^|/)(qkv|fc1|adaln|final_adaln|t_embed_2)/kernel$", ("embed", "mlp")),
     (r"(^|/)(proj|fc2)/kernel$", ("mlp", "embed")),
     (r"(^|/)(qkv|fc1|adaln|final_adaln)/bias$", ("mlp",)),
@@ -36,6 +41,19 @@ PARAM_AXES = (
     (r"(^|/)t_embed_1/kernel$", ("freq", "embed")),
     (r"(^|/)final_proj/kernel$", ("embed", "out_channels")),
     (r"(^|/)final_proj/bias$", ("out_channels",)),
+    # SD3 / SD3.5 MMDiT (models/mmdit.py; diffusers names)
+    (r"(^|/)(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|norm1|norm1_context|norm_out|linear_2)/kernel$",
+     ("embed", "mlp")),
+    (r"(^|/)(to_out|to_add_out)/kernel$", ("mlp", "embed")),
+    (r"(^|/)(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|norm1|norm1_context|norm_out|linear_2)/bias$",
+     ("mlp",)),
+    (r"(^|/)(to_out|to_add_out|context_embedder|linear_1)/bias$", ("embed",)),
+    (r"(^|/)(norm_q|norm_k|norm_added_q|norm_added_k)/scale$", ("kv",)),
+    (r"(^|/)context_embedder/kernel$", ("text_embed", "embed")),
+    (r"(^|/)timestep_embedder/linear_1/kernel$", ("freq", "embed")),
+    (r"(^|/)text_embedder/linear_1/kernel$", ("text_embed", "embed")),
+    (r"(^|/)proj_out/kernel$", ("embed", "out_channels")),
+    (r"(^|/)proj_out/bias$", ("out_channels",)),
 )
 
 ACTIVATION_AXES = {
@@ -63,7 +81,6 @@ def param_logical_axes(path, ndim):
         return ("layers",) + tuple(axes)
       if extra == 0:
         return tuple(axes)
-      break
   raise KeyError(f"no sharding rule covers param {s!r} (ndim {ndim}); add it to parallel/rules.py PARAM_AXES")
 
 

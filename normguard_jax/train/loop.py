@@ -21,6 +21,7 @@ from normguard_jax.analysis import quality as quality_lib
 from normguard_jax.analysis import report as report_lib
 from normguard_jax.data import digits
 from normguard_jax.models import dit
+from normguard_jax.parallel import mesh as mesh_lib, rules
 from normguard_jax.rewards.api import make_reward
 from normguard_jax.rl import advantages
 from normguard_jax.rl.losses import needs_old
@@ -115,6 +116,8 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, 
   with_old = needs_old(method, cfg)
   optimizer = optim.make_optimizer(rl, cfg.normguard if use_ng else None)
   state = state_lib.create(trainable, ref_params, optimizer, k_loop, lora=lora, with_old=with_old)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  state = jax.device_put(state, rules.tree_shardings(state, mesh))  # FSDP/TP placement by the rules table
 
   r = cfg.rollout
   noise_level = cfg.grpo.noise_level if method == "grpo" else r.noise_level
@@ -122,11 +125,12 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, 
   rollout = rollout_lib.make_rollout(apply_fn=apply_fn, image_shape=image_shape, num_steps=r.num_steps,
                                      shift=r.shift, cfg_scale=r.cfg_scale, null_cond=cfg.model.num_classes,
                                      noise_level=noise_level, lora=lora, track_rho=r.track_rho)
-  train_step = step_lib.make_train_step(method=method, apply_fn=apply_fn, optimizer=optimizer,
-                                        loss_cfg=cfg[method], ng_cfg=cfg.normguard, strategy=rl.fusion)
+  train_step, _, batch_sh = step_lib.make_sharded_train_step(
+      mesh, state, method=method, apply_fn=apply_fn, optimizer=optimizer, loss_cfg=cfg[method],
+      ng_cfg=cfg.normguard, strategy=rl.fusion)
   b = r.prompts_per_iter * r.group_size
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=batch_sh)
   def make_batch(key, ro, cond, rewards):
     adv = advantages.group_advantages(rewards, r.group_size, global_std=rl.global_std)
     if method in ("nft", "awm"):

@@ -58,14 +58,15 @@ def make_train_step(**kwargs):
   return jax.jit(functools.partial(train_step, **kwargs), donate_argnums=(0,))
 
 
-def make_sharded_train_step(mesh, state, batch, **kwargs):
+def make_sharded_train_step(mesh, state, **kwargs):
   """The train step as one ``jax.jit`` with explicit in/out shardings from the rules table and the state donated.
 
-  ``state`` and ``batch`` may be concrete or abstract (ShapeDtypeStruct) trees; metrics come back replicated.
-  The reference params (``state.frozen``) get the same shardings as the policy's, by the same rules.
+  ``state`` may be concrete or abstract (ShapeDtypeStruct). The reference params (``state.frozen``) get the same
+  shardings as the policy's, by the same rules. Every batch field is split on its leading (row) axis over
+  ('data', 'fsdp'); metrics come back replicated. Returns (step, state_shardings, batch_sharding).
   """
   from normguard_jax.parallel import rules, sharding  # keep the single-device path import-light
   state_sh = rules.tree_shardings(state, mesh)
-  batch_sh = sharding.batch_shardings(batch, mesh)
+  batch_sh = rules.batch_sharding(mesh, 1)  # a pytree prefix: applies to every batch leaf
   return jax.jit(functools.partial(train_step, **kwargs), in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,)), state_sh, batch_sh

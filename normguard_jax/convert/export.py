@@ -1,0 +1,237 @@
+"""Export back to diffusers: full SD3 transformer weights, and LoRA adapters in the PEFT/diffusers format.
+
+Full weights (:func:`transformer_state_dict`, :func:`save_transformer`): the exact inverse of
+``convert/sd3.py``'s declarative key map. Every ``Entry`` is walked backwards: Linear kernels transposed back
+to torch's (out, in), the patchify conv HWIO -> OIHW, slices of a scanned (stacked) group unstacked to
+per-layer keys, and the persistent ``pos_embed.pos_embed`` buffer written from the table recomputed from the
+config (the converter checks it against that same table). The result is a ``transformer/`` directory
+(``config.json`` + ``diffusion_pytorch_model.safetensors``, or shards with an index) that
+``SD3Transformer2DModel.from_pretrained`` loads.
+
+LoRA (:func:`lora_state_dict`, :func:`save_lora`): our ``lora`` collection (models/lora.py: A (in, r, J),
+B (r, out, J), adapters on the last axis, scale alpha / r) -> PEFT keys
+``transformer.transformer_blocks.{i}.{attn|attn2}.{proj}.lora_A.weight`` (r, in) and ``.lora_B.weight``
+(out, r); our ``to_out`` is diffusers' ``to_out.0``. PEFT computes ``lora_alpha / r * B(A(x))``, as we do.
+With ``fold_alpha`` (the default) the scale is multiplied into B and the adapter config says
+``lora_alpha = r``, so any loader (diffusers without metadata, kohya-style tools) reproduces our output;
+without it B is written as trained and the adapter config (``lora_adapter_metadata`` in the safetensors
+header, as diffusers' ``save_lora_weights`` writes it) carries ``lora_alpha``. diffusers'
+``load_lora_adapter`` / ``pipe.load_lora_weights`` read that metadata.
+
+Everything is strict: a param tree that is not exactly the one the config implies raises ConversionError
+naming every missing, extra or misshapen leaf. No torch is needed (safetensors' numpy API).
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Dict, Optional, Tuple
+
+import jax
+import numpy as np
+
+from normguard_jax.convert import sd3 as convert_sd3
+from normguard_jax.convert.safetensors_io import ConversionError, _leaf_paths
+from normguard_jax.models import mmdit
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+_DIFFUSERS_NAME = {"to_out": "to_out.0"}  # our LoRADense name -> diffusers module path inside an Attention
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes(cfg: mmdit.MMDiTConfig):
+  """Abstract variables of ``cfg`` (traced once per config)."""
+  return mmdit.param_shapes(cfg)
+
+
+def _to_numpy(tree):
+  return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), tree)
+
+
+def _check_tree(what, tree, targets, *, last_axis_free=False):
+  """Our tree must have exactly the leaves of ``targets`` with their shapes (the last axis free for LoRA)."""
+  got, want = _leaf_paths(tree), _leaf_paths(targets)
+  problems = [f"missing leaf {'/'.join(p)} {tuple(want[p].shape)}" for p in sorted(set(want) - set(got))]
+  problems += [f"extra leaf {'/'.join(p)} {tuple(np.shape(got[p]))} (not in the model for this config)"
+               for p in sorted(set(got) - set(want))]
+  for p in sorted(set(got) & set(want)):
+    shape, expect = tuple(np.shape(got[p])), tuple(want[p].shape)
+    ok = shape[:-1] == expect[:-1] if last_axis_free else shape == expect
+    if not ok or (last_axis_free and len(shape) != len(expect)):
+      problems.append(f"wrong shape for {'/'.join(p)}: {list(shape)}, expected {list(expect)}"
+                      + (" (any adapter count on the last axis)" if last_axis_free else ""))
+    elif not np.all(np.isfinite(np.asarray(got[p], np.float32))):
+      problems.append(f"{'/'.join(p)}: non-finite values")
+  if problems:
+    raise ConversionError(what, problems)
+  return got
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+# ----------------------------------------------------------------------------------------------- full weights
+
+def diffusers_config(cfg: mmdit.MMDiTConfig, base: Optional[dict] = None) -> dict:
+  """``config.json`` of an SD3Transformer2DModel with ``cfg``'s architecture (``base``'s other fields kept)."""
+  out = dict(base or {})
+  out.pop("_name_or_path", None)
+  out["_class_name"] = "SD3Transformer2DModel"
+  out.setdefault("_diffusers_version", _diffusers_version())
+  for k in convert_sd3._ARCH_FIELDS:
+    v = getattr(cfg, k)
+    out[k] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def _diffusers_version():
+  try:
+    from importlib.metadata import version
+    return version("diffusers")
+  except Exception:  # diffusers is optional here: the file format does not depend on it
+    return "0.30.0"
+
+
+def transformer_state_dict(cfg: mmdit.MMDiTConfig, params, *, dtype=np.float32) -> Dict[str, np.ndarray]:
+  """diffusers ``SD3Transformer2DModel.state_dict()`` (numpy, torch layouts) from our ``params``.
+
+  The inverse of ``sd3.key_map(cfg)``; ``params`` may be scanned or not, as ``cfg.scan_layers`` says.
+  """
+  base_cfg = dataclasses.replace(cfg, lora_rank=0)
+  got = _check_tree("SD3 transformer export", _to_numpy(params), _shapes(base_cfg)["params"])
+  out = {}
+  for e in convert_sd3.key_map(cfg):
+    if e.layout == "check":
+      a = np.asarray(e.expected)
+    else:
+      a = got[e.dst]
+      if e.index is not None:
+        a = a[e.index]
+      if e.layout == "linear":
+        a = a.T
+      elif e.layout == "conv":
+        a = a.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    out[e.src] = np.ascontiguousarray(a).astype(dtype)
+  return out
+
+
+def _save_safetensors(path, tensors, metadata=None):
+  from safetensors.numpy import save_file
+  tmp = path + ".tmp"
+  save_file(tensors, tmp, metadata=metadata)
+  os.replace(tmp, path)  # never leave a half-written file under the real name
+
+
+def save_transformer(directory, cfg: mmdit.MMDiTConfig, params, *, base_config: Optional[dict] = None,
+                     dtype=np.float32, max_shard_bytes: Optional[int] = None) -> str:
+  """Writes ``<directory>/config.json`` and the weights (sharded with an index above ``max_shard_bytes``).
+
+  Returns ``directory``. ``SD3Transformer2DModel.from_pretrained(directory)`` loads it.
+  """
+  directory = os.fspath(directory)
+  tensors = transformer_state_dict(cfg, params, dtype=dtype)
+  os.makedirs(directory, exist_ok=True)
+  for stale in (WEIGHTS_NAME, INDEX_NAME):
+    if os.path.exists(os.path.join(directory, stale)):
+      os.remove(os.path.join(directory, stale))
+  total = sum(a.nbytes for a in tensors.values())
+  if max_shard_bytes is None or total <= max_shard_bytes:
+    _save_safetensors(os.path.join(directory, WEIGHTS_NAME), tensors, {"format": "pt"})
+  else:
+    shards, cur, size = [], {}, 0
+    for k, a in tensors.items():
+      if cur and size + a.nbytes > max_shard_bytes:
+        shards.append(cur)
+        cur, size = {}, 0
+      cur[k], size = a, size + a.nbytes
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      _save_safetensors(os.path.join(directory, name), shard, {"format": "pt"})
+      weight_map.update({k: name for k in shard})
+    with open(os.path.join(directory, INDEX_NAME), "w") as f:
+      json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(diffusers_config(cfg, base_config), f, indent=2, sort_keys=True)
+  return directory
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+def _lora_modules(cfg: mmdit.MMDiTConfig):
+  """[(diffusers module path, our tree path to the LoRADense, stacked index or None)] in layer order."""
+  shapes = _shapes(cfg).get("lora", {})
+  out = []
+  for g in mmdit.block_layout(cfg):
+    for attn in ("attn", "attn2"):
+      for target in mmdit.LORA_TARGETS:
+        path = (g.name, attn, target)
+        try:
+          _get(shapes, path + ("lora_a",))
+        except KeyError:
+          continue
+        for i in range(g.start, g.stop):
+          out.append((f"transformer_blocks.{i}.{attn}.{_DIFFUSERS_NAME.get(target, target)}", path,
+                      i - g.start if g.scanned else None))
+  return out
+
+
+def lora_config(cfg: mmdit.MMDiTConfig, *, fold_alpha=True) -> dict:
+  """peft ``LoraConfig`` kwargs for the exported adapter (what diffusers' ``get_peft_kwargs`` would infer)."""
+  r = cfg.lora_rank
+  return {"r": r, "lora_alpha": float(r) if fold_alpha else float(cfg.lora_alpha), "rank_pattern": {},
+          "alpha_pattern": {}, "target_modules": sorted(m for m, _, _ in _lora_modules(cfg)), "use_dora": False,
+          "lora_bias": False}
+
+
+def lora_state_dict(cfg: mmdit.MMDiTConfig, lora, *, adapter=0, fold_alpha=True, prefix="transformer",
+                    dtype=np.float32) -> Tuple[Dict[str, np.ndarray], dict]:
+  """-> (PEFT state dict, LoraConfig kwargs) of adapter ``adapter`` (index on the last axis) of ``lora``.
+
+  Keys are ``{prefix}.transformer_blocks.{i}.{attn}.{proj}.lora_{A,B}.weight``; scanned groups are unstacked.
+  """
+  if cfg.lora_rank <= 0:
+    raise ValueError("cfg.lora_rank must be > 0 to export a LoRA (the config the adapters were trained with)")
+  got = _check_tree("LoRA export", _to_numpy(lora), _shapes(cfg)["lora"], last_axis_free=True)
+  n_adapters = {np.shape(a)[-1] for a in got.values()}
+  if len(n_adapters) != 1 or not 0 <= adapter < min(n_adapters):
+    raise ConversionError("LoRA export", [f"adapter index {adapter} out of range for adapter counts "
+                                          f"{sorted(n_adapters)} on the last axis"])
+  scale = cfg.lora_alpha / cfg.lora_rank if fold_alpha else 1.0
+  pre = f"{prefix}." if prefix else ""
+  out = {}
+  for module, path, idx in _lora_modules(cfg):
+    a, b = got[path + ("lora_a",)], got[path + ("lora_b",)]
+    if idx is not None:
+      a, b = a[idx], b[idx]
+    out[f"{pre}{module}.lora_A.weight"] = np.ascontiguousarray(a[..., adapter].T).astype(dtype)
+    out[f"{pre}{module}.lora_B.weight"] = np.ascontiguousarray(
+        (b[..., adapter].astype(np.float64) * scale).T).astype(dtype)
+  return out, lora_config(cfg, fold_alpha=fold_alpha)
+
+
+def save_lora(path, cfg: mmdit.MMDiTConfig, lora, *, adapter=0, fold_alpha=True, prefix="transformer",
+              dtype=np.float32) -> str:
+  """Writes ``pytorch_lora_weights.safetensors`` (``path`` is a directory, or the file name itself).
+
+  The adapter config goes in the header under ``lora_adapter_metadata`` with ``{prefix}.``-prefixed keys, as
+  diffusers' ``StableDiffusion3Pipeline.save_lora_weights`` writes it. Returns the file path.
+  """
+  path = os.fspath(path)
+  if not path.endswith(".safetensors"):
+    os.makedirs(path, exist_ok=True)
+    path = os.path.join(path, LORA_WEIGHT_NAME)
+  tensors, config = lora_state_dict(cfg, lora, adapter=adapter, fold_alpha=fold_alpha, prefix=prefix, dtype=dtype)
+  pre = f"{prefix}." if prefix else ""
+  meta = {"format": "pt", LORA_METADATA_KEY: json.dumps({pre + k: v for k, v in config.items()}, indent=2,
+                                                          sort_keys=True)}
+  _save_safetensors(path, tensors, meta)
+  return path
