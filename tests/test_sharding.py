@@ -137,3 +137,23 @@ def test_mesh_config_errors_name_the_axis():
     rules.param_logical_axes("foo/bar", 2)
   m = _mesh(2, -1, 1)
   assert dict(m.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_aot_compile_reports_per_device_memory_on_simulated_devices(capsys):
+  from normguard_jax.parallel import aot
+  out = aot.main(["--topology", "cpu:8", "--model", "tiny", "--batch", "16", "--dtype", "float32",
+                  "--mesh", "data=2,fsdp=-1,tensor=1"])
+  assert out["devices"] == 8 and out["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  mem = out["per_device_memory"]
+  assert mem["argument_size_in_bytes"] > 0 and mem["temp_size_in_bytes"] > 0
+  assert aot.tpu_topology_name("v5p-128") == "v5p:4x4x4" and aot.tpu_topology_name("v6e-64") == "v6e:8x8"
+
+
+def test_aot_compile_for_tpu_without_libtpu_says_so():
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is not None:
+    pytest.skip("libtpu is installed here: the TPU path compiles instead of erroring")
+  from normguard_jax.parallel import aot
+  with pytest.raises(SystemExit) as e:
+    aot.main(["--topology", "v5p-128", "--model", "tiny"])
+  assert e.value.code == 2
