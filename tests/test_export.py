@@ -10,7 +10,6 @@ unchanged when the adapter is disabled.
 import copy
 import dataclasses
 import json
-import math
 import os
 
 import jax
@@ -26,6 +25,7 @@ from normguard_jax.convert import sd3 as convert_sd3  # noqa: E402
 from normguard_jax.convert.__main__ import main as cli  # noqa: E402
 from normguard_jax.convert.safetensors_io import ConversionError  # noqa: E402
 from normguard_jax.models import mmdit  # noqa: E402
+from tests.torch_helpers import randomize_torch
 
 LORA_TOL = 1e-4
 # SD3.5-style: dual attention on a scanned run of two, a plain block, then the context_pre_only block.
@@ -34,22 +34,10 @@ TINY = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=4, attentio
             out_channels=16, pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0, 1))
 
 
-def _randomize(model, seed=0):
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim >= 2:
-        p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-      elif "norm" in name and name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(0.2 * torch.randn_like(p))
-  return model.eval()
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  model = _randomize(diffusers.SD3Transformer2DModel(**TINY))
+  model = randomize_torch(diffusers.SD3Transformer2DModel(**TINY))
   root = tmp_path_factory.mktemp("sd35_tiny")
   model.save_pretrained(root / "transformer")
   return model, root

@@ -18,6 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from normguard_jax.convert import sd3 as convert_sd3  # noqa: E402
 from normguard_jax.models import mmdit  # noqa: E402
+from tests.torch_helpers import errors, randomize_torch
 
 ABS_TOL, REL_TOL, EMB_TOL = 2e-5, 1e-5, 1e-6
 
@@ -31,24 +32,6 @@ SD35_TINY = dict(SD3_TINY, num_layers=4, qk_norm="rms_norm", dual_attention_laye
 CONFIGS = {"sd3": SD3_TINY, "sd35": SD35_TINY}
 
 
-def randomize_torch(model, seed):
-  """Every parameter random: weights ~ N(0, 1/fan_in), norm weights ~ 1 + N(0, 0.2), biases ~ N(0, 0.2)."""
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim >= 2:
-        p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-      elif "norm" in name and name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(0.2 * torch.randn_like(p))
-  return model.eval()
-
-
-def errors(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  abs_err = float(np.max(np.abs(ours - ref)))
-  return abs_err, abs_err / float(np.max(np.abs(ref)))
 
 
 def assert_close(name, ours, ref, abs_tol=ABS_TOL, rel_tol=REL_TOL):

@@ -4,7 +4,6 @@ A tiny random-init diffusers VAE (every weight randomised) is saved with ``save_
 by our strict converter. Decoded pixels must agree within 1e-4 (we also check 2e-5 abs / 1e-5 rel).
 """
 
-import math
 
 import jax
 import numpy as np
@@ -15,29 +14,13 @@ diffusers = pytest.importorskip("diffusers")
 
 from normguard_jax.convert import vae as convert_vae  # noqa: E402
 from normguard_jax.models import vae as vae_lib  # noqa: E402
+from tests.torch_helpers import errors, randomize_torch
 
 TINY = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
             latent_channels=16, norm_num_groups=4, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)
 
 
-def randomize_torch(model, seed):
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim >= 2:
-        p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-      elif "norm" in name and name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(0.2 * torch.randn_like(p))
-  return model.eval()
-
-
-def errors(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  abs_err = float(np.max(np.abs(ours - ref)))
-  return abs_err, abs_err / float(np.max(np.abs(ref)))
 
 
 @pytest.fixture(scope="module", params=[dict(use_quant_conv=False, use_post_quant_conv=False),
