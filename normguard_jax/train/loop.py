@@ -128,8 +128,6 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, 
   train_step, _, batch_sh = step_lib.make_sharded_train_step(
       mesh, state, method=method, apply_fn=apply_fn, optimizer=optimizer, loss_cfg=cfg[method],
       ng_cfg=cfg.normguard, strategy=rl.fusion)
-  b = r.prompts_per_iter * r.group_size
-
   @functools.partial(jax.jit, out_shardings=batch_sh)
   def make_batch(key, ro, cond, rewards):
     adv = advantages.group_advantages(rewards, r.group_size, global_std=rl.global_std)
@@ -191,7 +189,8 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, 
         state = update_old(state)
       metrics = to_python(metrics)
       metrics.update(reward_mean=float(jnp.mean(rewards)), reward_std=float(jnp.std(rewards)),
-                     rollout_mean_rho=float(jnp.mean(ro["rho"])), wall_s=time.time() - t_start)
+                     rollout_mean_rho=float(jnp.mean(ro["rho"])), wall_s=time.time() - t_start,
+                     **{f"reward_{k}": float(jnp.mean(v)) for k, v in parts.items()})
       writer.write(it, metrics, prefix="train/")
       consecutive_skips = consecutive_skips + 1 if metrics["skipped"] else 0
       if metrics["skipped"]:
