@@ -14,6 +14,7 @@ import ml_collections
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
+  c.task = "digits"  # normguard_jax/tasks: what the RL loop trains
   c.seed = 0
 
   c.model = dict(image_size=8, channels=1, patch_size=2, width=64, depth=4, num_heads=4, mlp_ratio=4.0,
@@ -24,14 +25,15 @@ def get_config(arg=None):
 
   # Sampling used for RL rollouts and evaluation (the reference trajectories share it).
   c.rollout = dict(num_steps=10, shift=1.0, cfg_scale=1.0, noise_level=0.0, prompts_per_iter=16,
-                   group_size=8, track_rho=True)
+                   group_size=8, track_rho=True, chunk=0)  # chunk: rows per rollout call (0 = all at once)
 
-  c.reward = dict(terms={"contrast": 1.0})
+  # {name: weight}; options per reward name, e.g. {"remote": {"url": "http://host:port/score"}}
+  c.reward = dict(terms={"contrast": 1.0}, options={})
 
   c.rl = dict(methods="nft,awm,dpo", normguard="off,on", iterations=150, lr=1e-4, b1=0.9, b2=0.999,
               weight_decay=1e-4, grad_clip=1.0, lora_rank=8, lora_alpha=16.0, lora_targets="qkv,proj,mlp",
               fusion="split", num_train_timesteps=4, timestep_fraction=0.9, global_std=True,
-              old_ramp=0.001, old_max_decay=0.5, max_consecutive_skips=10)
+              old_ramp=0.001, old_max_decay=0.5, max_consecutive_skips=10, num_microbatches=1)
   c.nft = dict(beta=1.0, adv_clip_max=5.0, kl_beta=0.0)
   c.awm = dict(weighting="ghuber", ghuber_p=0.25, clip_range=1.0, adv_max=1.0, kl_beta=0.0, ema_kl_beta=0.0)
   c.dpo = dict(beta=100.0, t_mean=0.0, t_std=1.0)

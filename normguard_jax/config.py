@@ -13,7 +13,7 @@ import ml_collections
 
 from normguard_jax.rl import awm, normguard as ng
 from normguard_jax.models import attention as attention_lib
-from normguard_jax.models import dit
+from normguard_jax.models import dit, layers, mmdit
 from normguard_jax.rewards.api import REGISTRY as REWARDS
 from normguard_jax.rl.losses import BASE_LOSSES
 from normguard_jax.train import fused
@@ -35,6 +35,16 @@ def load(path_and_arg):
   cfg = module.get_config(arg or None)
   cfg.lock()
   return cfg
+
+
+def load_sibling(config_file, name):
+  """Import ``name``.py from the directory of ``config_file``: recipes share a base config this way, wherever
+  they are run from."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_ng_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _parse_value(text, current):
@@ -82,13 +92,56 @@ def csv(text):
   return [s.strip() for s in str(text).split(",") if s.strip()]
 
 
+def reward_options(cfg):
+  """{reward name: {option: value}} from ``reward.options`` (absent or empty: no options)."""
+  opts = cfg.reward.get("options", None)
+  return {} if opts is None else {k: dict(v) if v is not None else {} for k, v in dict(opts).items()}
+
+
 def _check(cond, field, msg):
   if not cond:
     raise ConfigError(f"config.{field}: {msg}")
 
 
+TASK_LORA_TARGETS = {"digits": dit.LORA_TARGETS, "sd3": mmdit.LORA_TARGETS}
+
+
+def _validate_digits(cfg):
+  for name, field in [("pretrain.batch_size", cfg.pretrain.batch_size),
+                      ("eval.samples_per_class", cfg.eval.samples_per_class)]:
+    _check(isinstance(field, int) and field >= 1, name, f"must be an integer >= 1, got {field!r}")
+  _check(cfg.pretrain.steps >= 0, "pretrain.steps", "must be >= 0")
+  _check(cfg.pretrain.t_sampler in ("uniform", "logit_normal"), "pretrain.t_sampler",
+         "expected 'uniform' or 'logit_normal'")
+  _check(0 <= cfg.pretrain.cfg_dropout < 1, "pretrain.cfg_dropout", "must be in [0, 1)")
+
+
+def _validate_sd3(cfg):
+  m, d = cfg.model, cfg.data
+  _check(bool(m.weights_dir), "model.weights_dir",
+         "is not set: pass --config.model.weights_dir=/path/to/a/local/diffusers/SD3.5/snapshot")
+  _check(os.path.isdir(os.path.expanduser(m.weights_dir)), "model.weights_dir",
+         f"{m.weights_dir!r} is not a directory")
+  _check(bool(d.embeddings_dir), "data.embeddings_dir",
+         "is not set: encode prompts with `python -m normguard_jax.data.encode_prompts` and pass the output dir")
+  _check(os.path.isdir(os.path.expanduser(d.embeddings_dir)), "data.embeddings_dir",
+         f"{d.embeddings_dir!r} is not a directory")
+  _check(cfg.rollout.cfg_scale == 1.0, "rollout.cfg_scale",
+         "text tasks sample CFG-free (as the SD3.5 recipes do); CFG > 1 is not supported yet")
+  _check(isinstance(m.resolution, int) and m.resolution > 0, "model.resolution", "must be a positive integer")
+  _check(isinstance(cfg.eval.num_prompts, int) and cfg.eval.num_prompts >= 1, "eval.num_prompts",
+         "must be an integer >= 1")
+  _check(m.remat_policy in layers.REMAT_POLICIES, "model.remat_policy",
+         f"expected one of {sorted(layers.REMAT_POLICIES)}")
+  for field in ("dtype", "param_dtype"):
+    _check(m[field] in ("float32", "bfloat16", "float16"), f"model.{field}",
+           "expected 'float32', 'bfloat16' or 'float16'")
+
+
 def validate(cfg):
   """Raise ConfigError on the first invalid value. Returns cfg."""
+  task = cfg.get("task", "digits")
+  _check(task in TASK_LORA_TARGETS, "task", f"unknown task {task!r}; expected one of {sorted(TASK_LORA_TARGETS)}")
   for m in csv(cfg.rl.methods):
     _check(m in BASE_LOSSES, "rl.methods", f"unknown method {m!r}; expected some of {sorted(BASE_LOSSES)}")
   _check(csv(cfg.rl.methods), "rl.methods", "names no method")
@@ -97,11 +150,10 @@ def validate(cfg):
   _check(csv(cfg.rl.normguard), "rl.normguard", "names no setting")
   for name, field in [("rl.iterations", cfg.rl.iterations), ("rollout.num_steps", cfg.rollout.num_steps),
                       ("rollout.prompts_per_iter", cfg.rollout.prompts_per_iter),
-                      ("pretrain.batch_size", cfg.pretrain.batch_size),
                       ("rl.num_train_timesteps", cfg.rl.num_train_timesteps),
-                      ("eval.every", cfg.eval.every), ("eval.samples_per_class", cfg.eval.samples_per_class)]:
+                      ("rl.num_microbatches", cfg.rl.get("num_microbatches", 1)),
+                      ("eval.every", cfg.eval.every)]:
     _check(isinstance(field, int) and field >= 1, name, f"must be an integer >= 1, got {field!r}")
-  _check(cfg.pretrain.steps >= 0, "pretrain.steps", "must be >= 0")
   _check(cfg.rollout.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages are per group)")
   _check(cfg.rl.lr > 0, "rl.lr", "must be > 0")
   _check(cfg.rl.lora_rank >= 0, "rl.lora_rank", "must be >= 0 (0 = full fine-tuning)")
@@ -109,12 +161,10 @@ def validate(cfg):
   _check(not (cfg.rl.fusion == "concat" and cfg.rl.lora_rank == 0), "rl.fusion",
          "'concat' shares base weights across rows and needs LoRA (rl.lora_rank > 0)")
   for t in csv(cfg.rl.lora_targets):
-    _check(t in dit.LORA_TARGETS, "rl.lora_targets", f"unknown target {t!r}; expected some of {dit.LORA_TARGETS}")
+    _check(t in TASK_LORA_TARGETS[task], "rl.lora_targets",
+           f"unknown target {t!r}; expected some of {TASK_LORA_TARGETS[task]}")
   _check(cfg.rollout.shift > 0, "rollout.shift", "must be > 0")
   _check(cfg.rollout.noise_level >= 0, "rollout.noise_level", "must be >= 0")
-  _check(cfg.pretrain.t_sampler in ("uniform", "logit_normal"), "pretrain.t_sampler",
-         "expected 'uniform' or 'logit_normal'")
-  _check(0 <= cfg.pretrain.cfg_dropout < 1, "pretrain.cfg_dropout", "must be in [0, 1)")
   _check(cfg.model.attention_impl in attention_lib.IMPLEMENTATIONS, "model.attention_impl",
          f"expected one of {attention_lib.IMPLEMENTATIONS}")
   _check(cfg.nft.beta > 0, "nft.beta", "must be > 0")
@@ -129,8 +179,11 @@ def validate(cfg):
   _check(cfg.normguard.lam.value >= 0, "normguard.lam.value", "must be >= 0")
   for name in cfg.reward.terms:
     _check(name in REWARDS, "reward.terms", f"unknown reward {name!r}; known: {sorted(REWARDS)}")
+  for name in reward_options(cfg):
+    _check(name in cfg.reward.terms, "reward.options", f"options for {name!r}, which is not in reward.terms")
   usable = max(int(cfg.rollout.num_steps * cfg.rl.timestep_fraction), 1)
   _check(cfg.rl.num_train_timesteps <= usable, "rl.num_train_timesteps",
          f"{cfg.rl.num_train_timesteps} exceeds the {usable} usable sampler steps "
          f"(rollout.num_steps * rl.timestep_fraction)")
+  (_validate_digits if task == "digits" else _validate_sd3)(cfg)
   return cfg

@@ -80,11 +80,11 @@ def test_corrupt_cache_is_rebuilt_not_trusted(tmp_path):
 
 def test_nan_reward_marks_the_run_diverged_and_keeps_the_others(tmp_path, monkeypatch):
   calls = {"n": 0}
-  def nan_after_eval(images, cond):
+  def nan_after_eval(batch):
     calls["n"] += 1
-    x = jnp.mean(images, axis=(1, 2, 3))
+    x = jnp.mean(batch.images, axis=(1, 2, 3))
     return x * jnp.nan if calls["n"] == 3 else x
-  monkeypatch.setitem(reward_api.REGISTRY, "contrast", nan_after_eval)
+  monkeypatch.setitem(reward_api.REGISTRY, "contrast", lambda options: nan_after_eval)
   cfg = _cfg(tmp_path, "reward.terms={'contrast': 1.0}", "rl.normguard=off,on", "pretrain.steps=5")
   report = loop.run(cfg, str(tmp_path / "w"))
   status = {r["name"]: r["status"] for r in report["runs"]}

@@ -97,3 +97,23 @@ def test_fused_full_finetune_equals_separate_and_rejects_concat():
     np.testing.assert_allclose(g, w, atol=1e-6)
   with pytest.raises(ValueError, match="concat"):
     fused.fused_velocities(apply_fn, pol, ref, old, x, t, c, lora=False, strategy="concat")
+
+
+def test_named_remat_policies_keep_the_gradient():
+  """models/layers.py REMAT_POLICIES change what the backward recomputes, never its value; unknown names fail."""
+  import dataclasses
+  from normguard_jax.models import layers, mmdit
+  cfg = mmdit.MMDiTConfig(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                          joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+                          pos_embed_max_size=8)
+  params = mmdit.init(cfg, jax.random.PRNGKey(0))["params"]
+  x, t, c = mmdit.dummy_inputs(cfg, 2, 4, 4)
+  def grads(c_):
+    return jax.grad(lambda p: jnp.sum(mmdit.velocity({"params": p}, x + 1, t + 0.5, c, cfg=c_) ** 2))(params)
+  want = grads(cfg)
+  for name in ("full", "dots", "dots_no_batch"):
+    got = grads(dataclasses.replace(cfg, remat=True, remat_policy=name))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="remat_policy"):
+    layers.remat_policy("everything")

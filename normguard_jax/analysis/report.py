@@ -11,13 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-QUALITY_KEYS = ("class_conf", "nn_dist", "frechet", "out_of_range")
-QUALITY_LABELS = {"class_conf": "classifier confidence in prompted class (higher = better)",
-                  "nn_dist": "distance to nearest real digit (lower = better)",
-                  "frechet": "Fréchet distance to real digits, pixels (lower = better)",
-                  "out_of_range": "fraction of pixels outside [-1, 1] (lower = better)"}
-
-
 def sample_grid(samples, cond, per_class, path, title):
   samples = np.clip(np.asarray(samples), -1, 1)
   cond = np.asarray(cond)
@@ -36,7 +29,7 @@ def sample_grid(samples, cond, per_class, path, title):
   plt.close(fig)
 
 
-def _summary(run):
+def _summary(run, quality_keys):
   h = run["history"]
   if not h:
     return {k: run.get(k) for k in ("name", "method", "normguard", "status", "error", "traceback")}
@@ -47,23 +40,24 @@ def _summary(run):
       "reward_start": start["reward"], "reward_end": end["reward"],
       "mean_rho_start": start["mean_rho"], "mean_rho_end": end["mean_rho"],
       "rho_per_step_end": end["rho_per_step"],
-      "quality_start": {k: start[k] for k in QUALITY_KEYS}, "quality_end": {k: end[k] for k in QUALITY_KEYS},
+      "quality_start": {k: start[k] for k in quality_keys}, "quality_end": {k: end[k] for k in quality_keys},
       "history": [{k: v for k, v in e.items() if k != "norm_per_step" and k != "norm_ref_per_step"} for e in h],
   }
 
 
-def write_report(workdir, cfg, pre_info, ref_eval, ref_x0, real_quality, results, cond):
-  runs = [_summary(r) for r in results]
+def write_report(workdir, cfg, task, pre_info, ref_eval, ref_images, real_quality, results, cond, prompts=None):
+  """``task`` (normguard_jax/tasks) names the quality proxies (``quality_labels``) and draws the sample grids."""
+  labels = dict(task.quality_labels)
+  runs = [_summary(r, tuple(labels)) for r in results]
   report = {"config": json.loads(cfg.to_json_best_effort()), "pretrain": pre_info,
             "reference": {k: v for k, v in ref_eval.items()}, "real_data_quality": real_quality, "runs": runs}
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
 
-  per_class = cfg.eval.grid_per_class
-  sample_grid(ref_x0, cond, per_class, os.path.join(workdir, "samples_reference.png"), "reference")
+  task.sample_grid(ref_images, cond, prompts, os.path.join(workdir, "samples_reference.png"), "reference")
   for r in results:
     if r.get("samples") is not None:
-      sample_grid(r["samples"], cond, per_class, os.path.join(workdir, f"samples_{r['name']}.png"), r["name"])
+      task.sample_grid(r["samples"], cond, prompts, os.path.join(workdir, f"samples_{r['name']}.png"), r["name"])
 
   ok = [r for r in runs if r.get("history")]
   style = lambda r: dict(linestyle="-" if r["normguard"] else "--", marker="o", markersize=3)
@@ -84,13 +78,16 @@ def write_report(workdir, cfg, pre_info, ref_eval, ref_x0, real_quality, results
   ax.set_title("per-step velocity-norm ratio at the end of training"); ax.legend(fontsize=7)
   fig.tight_layout(); fig.savefig(os.path.join(workdir, "rho_per_step.png"), dpi=110); plt.close(fig)
 
-  fig, axes = plt.subplots(1, len(QUALITY_KEYS), figsize=(4.2 * len(QUALITY_KEYS), 3.8))
-  for ax, key in zip(axes, QUALITY_KEYS):
+  if not labels:  # a task without quality proxies in the trainer (held-out eval: normguard_jax.analysis)
+    return report
+  fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
+  for ax, key in zip(axes[0], labels):
     for r in ok:
       ax.plot([e["reward"] for e in r["history"]], [e[key] for e in r["history"]], label=r["name"], **style(r))
-    ax.axhline(real_quality[key], color="g", lw=0.8, label="real data")
-    ax.set_xlabel("eval reward"); ax.set_title(QUALITY_LABELS[key], fontsize=8)
-  axes[0].legend(fontsize=7)
+    if key in real_quality:
+      ax.axhline(real_quality[key], color="g", lw=0.8, label="real data")
+    ax.set_xlabel("eval reward"); ax.set_title(labels[key], fontsize=8)
+  axes[0][0].legend(fontsize=7)
   fig.suptitle("quality against reward over training (compare at matched reward)", fontsize=9)
   fig.tight_layout(); fig.savefig(os.path.join(workdir, "reward_vs_quality.png"), dpi=110); plt.close(fig)
   return report

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from normguard_jax.models import attention as attention_lib
 from normguard_jax.models import layers
 from normguard_jax.models.lora import LoRADense
+from normguard_jax.parallel import rules
 
 LORA_TARGETS = ("qkv", "proj", "mlp", "adaln")
 
@@ -76,7 +77,7 @@ class DiTBlock(nn.Module):
     y = layers.modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6)(x), shift_m, scale_m)
     y = nn.gelu(_dense(cfg, "mlp", int(cfg.mlp_ratio * d), "fc1")(y, lora_gate), approximate=True)
     x = x + gate_m[:, None, :] * _dense(cfg, "mlp", d, "fc2")(y, lora_gate)
-    return x, None
+    return rules.constrain(x, "tokens"), None  # rows over the data axes under a mesh (parallel/rules.py)
 
 
 class DiT(nn.Module):

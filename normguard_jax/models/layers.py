@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,3 +50,19 @@ def unpatchify(tokens, p, h, w, c):
   b = tokens.shape[0]
   x = tokens.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, h, w, c)
+
+
+# Named rematerialisation (gradient checkpointing) policies for nn.remat, chosen by name in model configs:
+# what each block keeps from its forward pass for the backward (MaxText's ``remat_policy`` names, simplified).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,               # keep only block inputs; recompute all
+    "dots": jax.checkpoint_policies.dots_saveable,                  # keep every matmul output
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+    "minimal_offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def remat_policy(name):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]

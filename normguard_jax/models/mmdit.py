@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from normguard_jax.models import attention as attention_lib
+from normguard_jax.models import layers
+from normguard_jax.parallel import rules
 from normguard_jax.models.lora import LoRADense
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -61,6 +63,7 @@ class MMDiTConfig:
   # runtime
   scan_layers: bool = True
   remat: bool = False
+  remat_policy: str = "full"  # models/layers.py REMAT_POLICIES: what a rematerialised block keeps
   lora_rank: int = 0
   lora_alpha: float = 1.0
   lora_targets: Tuple[str, ...] = LORA_TARGETS
@@ -318,12 +321,13 @@ class JointBlock(nn.Module):
       attn2_out, _ = Attention(cfg, name="attn2")(modulate(nx, shift_msa2, scale_msa2), None, lora_gate)
       x = x + gate_msa2[:, None] * attn2_out
     x = x + gate_mlp[:, None] * FeedForward(d, dtype, name="ff")(modulate(layer_norm(x), shift_mlp, scale_mlp))
+    x = rules.constrain(x, "tokens")  # the token streams between blocks: rows over the data axes (rules table)
     if self.context_pre_only:
       return (x, None), None
 
     ctx = ctx + c_gate_msa[:, None] * c_attn_out
     c_ff = FeedForward(d, dtype, name="ff_context")(modulate(layer_norm(ctx), c_shift_mlp, c_scale_mlp))
-    return (x, ctx + c_gate_mlp[:, None] * c_ff), None
+    return (x, rules.constrain(ctx + c_gate_mlp[:, None] * c_ff, "tokens")), None
 
 
 class MMDiT(nn.Module):
@@ -341,7 +345,7 @@ class MMDiT(nn.Module):
     temb = TimeTextEmbed(cfg, name="time_text_embed")(t, pooled)
     ctx = nn.Dense(cfg.caption_projection_dim, dtype=dtype, name="context_embedder")(prompt_embeds.astype(dtype))
 
-    block_cls = nn.remat(JointBlock) if cfg.remat else JointBlock
+    block_cls = nn.remat(JointBlock, policy=layers.remat_policy(cfg.remat_policy)) if cfg.remat else JointBlock
     carry = (x, ctx)
     for g in block_layout(cfg):
       if g.scanned:

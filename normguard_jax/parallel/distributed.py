@@ -66,7 +66,9 @@ def process_rows(global_batch_size):
 
 def host_array(x):
   """A (possibly multi-host, sharded) global array as a host numpy array on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
+  if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)  # host data, or a process-local array (computed the same on every host)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -7,6 +7,8 @@ adapt. ``LOGICAL_RULES`` maps logical names to mesh axes, the only place where t
 A dim that the mesh axis does not divide is replicated (``logical_to_spec`` reports it in ``notes``).
 """
 
+import contextlib
+import contextvars
 import re
 
 import jax
@@ -61,6 +63,29 @@ ACTIVATION_AXES = {
     "images": ("batch", None, None, None),
     "per_sample": ("batch",),
 }
+
+
+_ACTIVATION_MESH = contextvars.ContextVar("normguard_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh):
+  """While tracing under this context, :func:`constrain` pins activations to ``mesh`` by ACTIVATION_AXES."""
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield mesh
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x, kind):
+  """``with_sharding_constraint`` on an activation by its ACTIVATION_AXES kind (e.g. the token stream between
+  blocks: rows over the data axes); a no-op outside :func:`activation_mesh` (single device, parity tests)."""
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(ACTIVATION_AXES[kind], x.shape,
+                                                                                  mesh)))
 
 
 def _path_str(path):

@@ -20,6 +20,8 @@ def main(argv=None):
     overrides.append(item[len("--config."):])
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+  from normguard_jax.parallel import distributed
+  distributed.maybe_initialize()  # multi-host (TPU pod, or NORMGUARD_COORDINATOR=...): before any computation
   try:
     cfg = config_lib.apply_overrides(config_lib.load(args.config), overrides)
     config_lib.validate(cfg)
@@ -31,6 +33,8 @@ def main(argv=None):
   from normguard_jax.train.checkpoint import PreemptionGuard
   with PreemptionGuard() as guard:
     report = loop.run(cfg, workdir, guard)
+  if report is None:  # not process 0: the report is written there
+    return 0
   print(f"report: {workdir}/report.json")
   if any(r["status"] == "preempted" for r in report["runs"]):
     print("preempted (SIGTERM): checkpoint saved; rerun the same command to resume", file=sys.stderr)

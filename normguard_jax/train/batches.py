@@ -13,7 +13,12 @@ from normguard_jax.rl import advantages
 
 
 def _rows(a, reps):
-  return jnp.concatenate([a] * reps, axis=0)
+  """Stack ``reps`` copies of every leaf of ``a`` on the row axis (``a`` may be a conditioning pytree)."""
+  return jax.tree_util.tree_map(lambda x: jnp.concatenate([x] * reps, axis=0), a)
+
+
+def _take(a, idx):
+  return jax.tree_util.tree_map(lambda x: x[idx], a)
 
 
 def forward_process_batch(key, x0, cond, adv, grid, num_train_timesteps, fraction):
@@ -38,9 +43,9 @@ def dpo_batch(key, x0, cond, rewards, group_size, num_train_timesteps, t_mean, t
   eps = jax.random.normal(k_eps, x0_w.shape, jnp.float32)
   x0_rows = jnp.concatenate([x0_w, x0_l], 0)
   eps_rows, t_rows = jnp.concatenate([eps, eps], 0), jnp.concatenate([t, t], 0)
-  c = _rows(cond[win], num_train_timesteps)
+  c = _rows(_take(cond, win), num_train_timesteps)
   return {"x0": x0_rows, "eps": eps_rows, "t": t_rows, "x_t": schedules.forward_noise(x0_rows, eps_rows, t_rows),
-          "cond": jnp.concatenate([c, c], 0)}
+          "cond": _rows(c, 2)}
 
 
 def grpo_batch(key, rollout, cond, adv, num_train_timesteps, fraction):

@@ -57,7 +57,7 @@ def fused_velocities(apply_fn, trainable, frozen, old, x_t, t, cond, *, lora, st
   branches = [0, None] + ([1] if old is not None else [])
   gate = jnp.concatenate([_gate(n, j, on) for on in branches], axis=0)
   reps = len(branches)
-  tile = lambda a: jnp.concatenate([a] * reps, axis=0)
+  tile = lambda a: jax.tree_util.tree_map(lambda x: jnp.concatenate([x] * reps, axis=0), a)
   v_all = apply_fn({"params": frozen, "lora": adapters}, tile(x_t), tile(t), tile(cond), gate)
   parts = jnp.split(v_all, reps, axis=0)
   return Velocities(parts[0], sg(parts[1]), sg(parts[2]) if old is not None else None)

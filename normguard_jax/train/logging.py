@@ -19,7 +19,11 @@ class MetricWriter:
   """``truncate_after``: on resume, drop JSONL lines of steps after the restored checkpoint, so the log reads as
   one uninterrupted run (TensorBoard shows the overlap; it keeps the last value per step)."""
 
-  def __init__(self, logdir, tensorboard=True, truncate_after=None):
+  def __init__(self, logdir, tensorboard=True, truncate_after=None, enabled=True):
+    self.enabled = enabled  # False on every host but process 0: one log per job
+    self._jsonl = self._tb = None
+    if not enabled:
+      return
     os.makedirs(logdir, exist_ok=True)
     path = os.path.join(logdir, "metrics.jsonl")
     if truncate_after is not None and os.path.exists(path):
@@ -35,6 +39,8 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(logdir, "tb"))
 
   def write(self, step, scalars, prefix=""):
+    if not self.enabled:
+      return
     scalars = to_python(scalars)
     self._jsonl.write(json.dumps({"step": int(step), **{prefix + k: v for k, v in scalars.items()}}) + "\n")
     if self._tb is not None:
@@ -43,6 +49,7 @@ class MetricWriter:
           self._tb.add_scalar(prefix + k, v, int(step))
 
   def close(self):
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()

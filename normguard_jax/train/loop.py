@@ -17,15 +17,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from normguard_jax import config as config_lib
-from normguard_jax.analysis import quality as quality_lib
+from normguard_jax import tasks as tasks_lib
 from normguard_jax.analysis import report as report_lib
-from normguard_jax.data import digits
-from normguard_jax.models import dit
-from normguard_jax.parallel import mesh as mesh_lib, rules
-from normguard_jax.rewards.api import make_reward
+from normguard_jax.parallel import distributed, mesh as mesh_lib, rules, sharding
+from normguard_jax.rewards.api import RewardBatch, make_reward
 from normguard_jax.rl import advantages
 from normguard_jax.rl.losses import needs_old
-from normguard_jax.train import batches, optim, pretrain as pretrain_lib, rollout as rollout_lib
+from normguard_jax.train import batches, optim, rollout as rollout_lib
 from normguard_jax.train import checkpoint as ckpt_lib
 from normguard_jax.train import state as state_lib
 from normguard_jax.train import step as step_lib
@@ -42,16 +40,55 @@ class Preempted(RuntimeError):
   """SIGTERM arrived; the run saved a checkpoint and stopped. Rerun the same command to resume."""
 
 
-def model_config(cfg, lora_rank=0):
-  m = dict(cfg.model)
-  return dit.DiTConfig(**m, lora_rank=lora_rank, lora_alpha=float(cfg.rl.lora_alpha),
-                       lora_targets=tuple(config_lib.csv(cfg.rl.lora_targets)))
+from normguard_jax.tasks.digits import apply_fn_for, model_config  # noqa: E402,F401  (stable names)
 
 
-def apply_fn_for(model_cfg):
-  def apply_fn(variables, x, t, cond, gate):
-    return dit.velocity(variables, x, t, cond, cfg=model_cfg, lora_gate=gate)
-  return apply_fn
+def _repeat_rows(tree, n):
+  return jax.tree_util.tree_map(lambda a: jnp.repeat(a, n, axis=0), tree)
+
+
+def _rows(tree, lo, hi):
+  return None if tree is None else jax.tree_util.tree_map(lambda a: a[lo:hi], tree)
+
+
+def rollout_and_score(rollout_fn, decode, reward_fn, cond, uncond, prompts, key, chunk, place=lambda t: t):
+  """Roll out, decode and score ``cond``'s rows in chunks of ``chunk`` rows (0: all at once). Chunk i+1's
+  rollout is dispatched before chunk i is scored, so device sampling overlaps host-side (remote) rewards.
+  Returns (rollout dict over all rows, rewards (B,), {term: (B,)})."""
+  b = jax.tree_util.tree_leaves(cond)[0].shape[0]
+  chunk = b if chunk <= 0 else min(chunk, b)
+  if b % chunk:
+    raise ValueError(f"rollout.chunk {chunk} does not divide the {b} rollout rows")
+  spans = [(lo, lo + chunk) for lo in range(0, b, chunk)]
+  keys = [key] if len(spans) == 1 else [jax.random.fold_in(key, i) for i in range(len(spans))]
+  launch = lambda i: rollout_fn(place(_rows(cond, *spans[i])), None if uncond is None else place(
+      _rows(uncond, *spans[i])), keys[i])
+  outs, rewards, parts = [], [], []
+  pending = launch(0)
+  for i, (lo, hi) in enumerate(spans):
+    ro = pending
+    if i + 1 < len(spans):
+      pending = launch(i + 1)  # async dispatch: runs on the device while chunk i is scored
+    total, terms = reward_fn(RewardBatch(decode(ro["x0"]), _rows(cond, lo, hi),
+                                         None if prompts is None else prompts[lo:hi]))
+    outs.append(ro), rewards.append(total), parts.append(terms)
+  if len(outs) == 1:
+    return outs[0], rewards[0], parts[0]
+  batch_axis = {"x0": 0, "xs": 1, "log_probs": 1, "norm": 1, "norm_ref": 1, "rho": 1}
+  ro = {k: outs[0][k] if k not in batch_axis else jnp.concatenate([o[k] for o in outs], axis=batch_axis[k])
+        for k in outs[0]}
+  return (ro, jnp.concatenate(rewards),
+          {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+def _place_rows(tree, mesh):
+  """Split rows over the mesh's batch axes when they divide evenly (else replicate): rollouts then run
+  data-parallel. Every process passes the same global value."""
+  rows = jax.tree_util.tree_leaves(tree)[0].shape[0]
+  sh = rules.batch_sharding(mesh, 1)
+  if rows % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    sh = sharding.replicated(mesh)
+  return jax.device_put(tree, sh)
 
 
 def prepare_workdir(workdir):
@@ -64,13 +101,13 @@ def prepare_workdir(workdir):
 
 
 class Evaluator:
-  """Fixed eval set (same labels and initial noise for every run): ODE samples, reward, quality, rho_k."""
+  """Fixed eval set (same prompts and initial noise for every run): ODE samples, reward, quality, rho_k."""
 
-  def __init__(self, cfg, quality, reward_fn, model_cfg):
-    n = cfg.eval.samples_per_class
-    self.cond = jnp.repeat(jnp.arange(cfg.model.num_classes, dtype=jnp.int32), n)
+  def __init__(self, cfg, task, reward_fn):
+    self.cond, self.prompts = task.eval_set()
     self.key = jax.random.PRNGKey(cfg.seed + 12345)
-    self.quality, self.reward_fn, self.cfg = quality, reward_fn, cfg
+    self.task, self.reward_fn, self.cfg = task, reward_fn, cfg
+    self.uncond = task.uncond(self.cond) if cfg.rollout.cfg_scale != 1.0 else None
     self._rollouts = {}
 
   def _rollout(self, model_cfg, lora):
@@ -78,39 +115,39 @@ class Evaluator:
     if k not in self._rollouts:
       r = self.cfg.rollout
       self._rollouts[k] = rollout_lib.make_rollout(
-          apply_fn=apply_fn_for(model_cfg), image_shape=(self.cfg.model.image_size,) * 2 + (self.cfg.model.channels,),
-          num_steps=r.num_steps, shift=r.shift, cfg_scale=r.cfg_scale, null_cond=self.cfg.model.num_classes,
-          noise_level=0.0, lora=lora, track_rho=True)
+          apply_fn=self.task.apply_fn(model_cfg), image_shape=self.task.latent_shape, num_steps=r.num_steps,
+          shift=r.shift, cfg_scale=r.cfg_scale, noise_level=0.0, lora=lora, track_rho=True)
     return self._rollouts[k]
 
   def __call__(self, policy_vars, ref_vars, model_cfg, lora):
-    ro = self._rollout(model_cfg, lora)(policy_vars, ref_vars, self.cond, self.key)
-    total, parts = self.reward_fn(ro["x0"], self.cond)
-    x0 = np.asarray(ro["x0"])
+    ro = self._rollout(model_cfg, lora)(policy_vars, ref_vars, self.cond, self.uncond, self.key)
+    images = self.task.decode(ro["x0"])
+    total, parts = self.reward_fn(RewardBatch(images, self.cond, self.prompts))
+    images = distributed.host_array(images)
     out = {"reward": float(jnp.mean(total)), **{f"reward_{k}": float(jnp.mean(v)) for k, v in parts.items()},
-           **self.quality(x0, np.asarray(self.cond))}
-    rho = np.asarray(ro["rho"])
+           **self.task.quality(images, distributed.host_array(self.cond))}
+    rho = distributed.host_array(ro["rho"])
     out["rho_per_step"] = rho.mean(axis=1).tolist()
     out["mean_rho"] = float(rho.mean())
-    out["norm_per_step"] = np.asarray(ro["norm"]).mean(axis=1).tolist()
-    out["norm_ref_per_step"] = np.asarray(ro["norm_ref"]).mean(axis=1).tolist()
-    return out, x0
+    out["norm_per_step"] = distributed.host_array(ro["norm"]).mean(axis=1).tolist()
+    out["norm_ref_per_step"] = distributed.host_array(ro["norm_ref"]).mean(axis=1).tolist()
+    return out, images
 
 
 def _abstract(tree):
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, guard=None):
+def run_rl(cfg, task, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, guard=None):
   """One online RL run, resumed from its latest checkpoint when there is one. Returns a result dict with its
   eval history. Raises Preempted after saving when ``guard`` saw SIGTERM."""
   rl = cfg.rl
   lora = rl.lora_rank > 0
-  model_cfg = model_config(cfg, rl.lora_rank)
-  apply_fn = apply_fn_for(model_cfg)
+  model_cfg = task.model_config(rl.lora_rank)
+  apply_fn = task.apply_fn(model_cfg)
   k_init, k_loop = jax.random.split(key)
   if lora:
-    trainable = dit.init(model_cfg, k_init)["lora"]
+    trainable = task.init_lora(model_cfg, k_init)
   else:
     trainable = jax.tree_util.tree_map(jnp.array, ref_params)
   with_old = needs_old(method, cfg)
@@ -121,13 +158,13 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, 
 
   r = cfg.rollout
   noise_level = cfg.grpo.noise_level if method == "grpo" else r.noise_level
-  image_shape = (cfg.model.image_size,) * 2 + (cfg.model.channels,)
-  rollout = rollout_lib.make_rollout(apply_fn=apply_fn, image_shape=image_shape, num_steps=r.num_steps,
-                                     shift=r.shift, cfg_scale=r.cfg_scale, null_cond=cfg.model.num_classes,
-                                     noise_level=noise_level, lora=lora, track_rho=r.track_rho)
+  rollout = rollout_lib.make_rollout(apply_fn=apply_fn, image_shape=task.latent_shape, num_steps=r.num_steps,
+                                     shift=r.shift, cfg_scale=r.cfg_scale, noise_level=noise_level, lora=lora,
+                                     track_rho=r.track_rho)
   train_step, _, batch_sh = step_lib.make_sharded_train_step(
       mesh, state, method=method, apply_fn=apply_fn, optimizer=optimizer, loss_cfg=cfg[method],
-      ng_cfg=cfg.normguard, strategy=rl.fusion)
+      ng_cfg=cfg.normguard, strategy=rl.fusion, num_microbatches=rl.num_microbatches)
+  place_rows = functools.partial(_place_rows, mesh=mesh)
   @functools.partial(jax.jit, out_shardings=batch_sh)
   def make_batch(key, ro, cond, rewards):
     adv = advantages.group_advantages(rewards, r.group_size, global_std=rl.global_std)
@@ -156,31 +193,36 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, 
     if saved.get("done"):  # finished before: reuse it
       ckpt.close()
       return dict(saved["result"], samples=np.asarray(saved["samples"], np.float32))
-  writer = MetricWriter(run_dir, truncate_after=start_it - 1 if restored is not None else None)
+  writer = MetricWriter(run_dir, truncate_after=start_it - 1 if restored is not None else None,
+                        enabled=distributed.is_main_process())
 
   def meta(it, **extra):
     return dict({"iteration": it, "history": history, "name": name, "method": method, "normguard": use_ng},
                 **extra)
 
   def evaluate(it):
-    ev, x0 = evaluator(state.policy_variables(), state.ref_variables(), model_cfg, lora)
+    ev, images = evaluator(state.policy_variables(), state.ref_variables(), model_cfg, lora)
     ev["iteration"] = it
     history.append(ev)
     writer.write(it, {k: v for k, v in ev.items() if not isinstance(v, list)}, prefix="eval/")
-    return x0
+    return images
 
-  x0 = None
+  images = None
   try:
     if not history:
-      x0 = evaluate(0)
+      images = evaluate(0)
     bar = tqdm(range(start_it, rl.iterations + 1), desc=f"RL {name}", unit="it", dynamic_ncols=True,
                initial=start_it - 1, total=rl.iterations, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     for it in bar:
       k_prompt, k_roll, k_batch = jax.random.split(jax.random.fold_in(k_loop, it), 3)
-      cond = jnp.repeat(jax.random.randint(k_prompt, (r.prompts_per_iter,), 0, cfg.model.num_classes), r.group_size)
+      cond, prompts = task.sample_prompts(k_prompt, r.prompts_per_iter)
+      cond = place_rows(_repeat_rows(cond, r.group_size))  # every process holds the same prompts
+      prompts = None if prompts is None else [p for p in prompts for _ in range(r.group_size)]
+      uncond = task.uncond(cond) if r.cfg_scale != 1.0 else None
       sample_vars = state.old_variables() if with_old and method == "nft" else state.policy_variables()
-      ro = rollout(sample_vars, state.ref_variables(), cond, k_roll)
-      rewards, parts = reward_fn(ro["x0"], cond)
+      ro, rewards, parts = rollout_and_score(
+          lambda c, u, k: rollout(sample_vars, state.ref_variables(), c, u, k), task.decode, reward_fn,
+          cond, uncond, prompts, k_roll, r.chunk, place_rows)
       if not bool(jnp.all(jnp.isfinite(rewards))):
         raise TrainingDiverged(f"non-finite reward at iteration {it}: samples have diverged")
       batch = make_batch(k_batch, ro, cond, rewards)
@@ -199,7 +241,7 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, 
         raise TrainingDiverged(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient")
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", rho=f"{metrics['rollout_mean_rho']:.3f}")
       if it % cfg.eval.every == 0 or it == rl.iterations:
-        x0 = evaluate(it)
+        images = evaluate(it)
       if guard is not None and guard.requested:
         ckpt.save(it, state, meta(it), force=True)
         ckpt.wait()
@@ -209,17 +251,17 @@ def run_rl(cfg, method, use_ng, ref_params, evaluator, reward_fn, run_dir, key, 
   except TrainingDiverged as e:
     status, error = "diverged", str(e)
     log.error("%s: %s", name, e)
-    x0 = evaluate(int(state.step))  # record where the run stopped
+    images = evaluate(int(state.step))  # record where the run stopped
   finally:
     writer.close()
-  if x0 is None:  # resumed at the very end
-    _, x0 = evaluator(state.policy_variables(), state.ref_variables(), model_cfg, lora)
+  if images is None:  # resumed at the very end
+    _, images = evaluator(state.policy_variables(), state.ref_variables(), model_cfg, lora)
   result = {"name": name, "method": method, "normguard": use_ng, "status": status, "error": error,
             "history": history, "wall_s": time.time() - t_start}
   done_it = max(rl.iterations, int(history[-1]["iteration"]) if history else 0) + 1
-  ckpt.save(done_it, state, meta(done_it, done=True, result=result, samples=np.asarray(x0).tolist()), force=True)
+  ckpt.save(done_it, state, meta(done_it, done=True, result=result, samples=np.asarray(images).tolist()), force=True)
   ckpt.close()
-  return dict(result, samples=x0)
+  return dict(result, samples=images)
 
 
 def _check_same_config(workdir, cfg):
@@ -242,25 +284,25 @@ def _check_same_config(workdir, cfg):
 
 def run(cfg, workdir, guard=None):
   """The whole job. Returns the report dict (also written to workdir/report.json). Rerunning the same command
-  on the same workdir resumes: finished runs are reused and the others continue from their last checkpoint."""
+  on the same workdir resumes: finished runs are reused and the others continue from their last checkpoint.
+
+  Multi-host: every process runs this same function (launch/tpu_pod.sh); arrays are global, and only process 0
+  writes the logs, plots and report (checkpoints are written by orbax from all processes)."""
   config_lib.validate(cfg)
   workdir = prepare_workdir(workdir)
-  _check_same_config(workdir, cfg)
-  images, labels = digits.load_digits()
-  quality = quality_lib.DigitQuality(seed=cfg.seed)
-  reward_fn = make_reward(dict(cfg.reward.terms))
-  ref_cfg = model_config(cfg, 0)
+  if distributed.is_main_process():
+    _check_same_config(workdir, cfg)
+  task = tasks_lib.make_task(cfg)
+  reward_fn = make_reward(dict(cfg.reward.terms), config_lib.reward_options(cfg))
+  ref_cfg = task.model_config(0)
 
   t0 = time.time()
-  writer = MetricWriter(os.path.join(workdir, "runs", "pretrain"))
-  ref_params, pre_info = pretrain_lib.load_or_pretrain(ref_cfg, cfg.pretrain, images, labels, cfg.seed, writer,
-                                                          guard)
-  writer.close()
+  ref_params, pre_info = task.reference(workdir, guard)
   pre_info["wall_s"] = time.time() - t0
-  evaluator = Evaluator(cfg, quality, reward_fn, ref_cfg)
-  ref_eval, ref_x0 = evaluator({"params": ref_params}, {"params": ref_params}, ref_cfg, False)
-  n_eval = int(evaluator.cond.shape[0])
-  real_quality = quality(images[:n_eval], labels[:n_eval])  # the proxies' level on real data, same size
+  evaluator = Evaluator(cfg, task, reward_fn)
+  ref_eval, ref_images = evaluator({"params": ref_params}, {"params": ref_params}, ref_cfg, False)
+  n_eval = int(jax.tree_util.tree_leaves(evaluator.cond)[0].shape[0])
+  real_quality = task.real_quality(n_eval)  # the proxies' level on real data, same size
 
   results = []
   report = None
@@ -271,7 +313,7 @@ def run(cfg, workdir, guard=None):
         stub = {"name": name, "method": method, "normguard": setting == "on", "history": [], "samples": None}
         key = jax.random.PRNGKey(cfg.seed + 1)  # same key for the pair: matched rollouts at the start
         try:
-          results.append(run_rl(cfg, method, setting == "on", ref_params, evaluator, reward_fn,
+          results.append(run_rl(cfg, task, method, setting == "on", ref_params, evaluator, reward_fn,
                                 os.path.join(workdir, "runs", name), key, guard))
         except Preempted as e:
           results.append(dict(stub, status="preempted", error=str(e)))
@@ -284,6 +326,7 @@ def run(cfg, workdir, guard=None):
         continue
       break
   finally:
-    report = report_lib.write_report(workdir, cfg, pre_info, ref_eval, ref_x0, real_quality, results,
-                                     evaluator.cond)
+    if distributed.is_main_process():
+      report = report_lib.write_report(workdir, cfg, task, pre_info, ref_eval, ref_images, real_quality, results,
+                                       evaluator.cond, evaluator.prompts)
   return report

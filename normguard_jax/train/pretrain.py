@@ -82,10 +82,16 @@ def pretrain(model_cfg: dit.DiTConfig, pre_cfg, images, labels, key, writer=None
 
 
 def load_or_pretrain(model_cfg, pre_cfg, images, labels, seed, writer=None, guard=None):
-  """Returns (params, info). Restores the orbax cache when present and readable; else trains and saves."""
+  """Returns (params, info). Restores the orbax cache when present and readable; else trains and saves.
+
+  Multi-host: every process pretrains the same way (same seed, same data), and the cache is written and read
+  as host numpy arrays, which orbax writes from process 0 only."""
   cache_root = os.path.abspath(os.path.expanduser(pre_cfg.cache_dir))
   path = os.path.join(cache_root, cache_key(model_cfg, pre_cfg, seed))
   abstract = jax.eval_shape(lambda: dit.init(model_cfg, jax.random.PRNGKey(0))["params"])
+  multi = jax.process_count() > 1
+  if multi:
+    abstract = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   ckptr = ocp.StandardCheckpointer()
   if os.path.isdir(path):
     try:
@@ -93,9 +99,10 @@ def load_or_pretrain(model_cfg, pre_cfg, images, labels, seed, writer=None, guar
       return params, {"cache": path, "cached": True}
     except Exception as e:  # a corrupt or partial cache is rebuilt, never trusted
       log.warning("pretrain cache at %s is unreadable (%s); pretraining again", path, e)
-      shutil.rmtree(path, ignore_errors=True)
+      if jax.process_index() == 0:
+        shutil.rmtree(path, ignore_errors=True)
   params = pretrain(model_cfg, pre_cfg, images, labels, jax.random.PRNGKey(seed), writer, guard)
   os.makedirs(cache_root, exist_ok=True)
-  ckptr.save(path, params)
+  ckptr.save(path, jax.tree_util.tree_map(np.asarray, params) if multi else params)
   ckptr.wait_until_finished()
   return params, {"cache": path, "cached": False}

@@ -21,12 +21,34 @@ def _all_finite(tree):
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def train_step(state, batch, *, method, apply_fn, optimizer, loss_cfg, ng_cfg, strategy="split"):
-  """(state, batch) -> (state, metrics). ``batch`` holds x_t, t, cond and the loss's own fields."""
+def split_microbatches(batch, num_microbatches, *, paired=False):
+  """Rows -> (M, rows / M, ...) for gradient accumulation. Microbatch j takes the strided rows j, j + M, ...,
+  so a row-sharded batch stays row-sharded inside every microbatch. ``paired`` (DPO's [w; l] rows): each half
+  is split alike, so row i of the winners still faces row i of the losers."""
+  m = num_microbatches
+
+  def split(x):
+    n = x.shape[0]
+    halves = jnp.split(x, 2) if paired else [x]
+    per = n // len(halves)
+    if per % m:
+      raise ValueError(f"{per} rows{' per half' if paired else ''} do not split into {m} microbatches")
+    parts = [h.reshape((per // m, m) + h.shape[1:]).swapaxes(0, 1) for h in halves]
+    return jnp.concatenate(parts, axis=1)
+  return jax.tree_util.tree_map(split, batch)
+
+
+def train_step(state, batch, *, method, apply_fn, optimizer, loss_cfg, ng_cfg, strategy="split",
+               num_microbatches=1):
+  """(state, batch) -> (state, metrics). ``batch`` holds x_t, t, cond and the loss's own fields.
+
+  With ``num_microbatches`` M > 1 the gradient is the mean over M equal microbatches, accumulated in a
+  ``lax.scan`` (one optimizer update, the same as one big batch up to summation order); metrics are means.
+  """
   base_loss = losses_lib.BASE_LOSSES[method]
   lam = ng.current_lambda(state.opt_state)
 
-  def loss_fn(trainable):
+  def loss_fn(trainable, batch):
     vel = fused.fused_velocities(apply_fn, trainable, state.frozen, state.old, batch["x_t"], batch["t"],
                                  batch["cond"], lora=state.lora, strategy=strategy)
     base, metrics = base_loss(vel, batch, loss_cfg)
@@ -34,8 +56,20 @@ def train_step(state, batch, *, method, apply_fn, optimizer, loss_cfg, ng_cfg, s
     total = base + lam * penalty
     return total, (base, penalty, metrics, ng_metrics)
 
-  (total, (base, penalty, metrics, ng_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.trainable)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_microbatches == 1:
+    (total, (base, penalty, metrics, ng_metrics)), grads = grad_fn(state.trainable, batch)
+  else:
+    micro = split_microbatches(batch, num_microbatches, paired=method == "dpo")
+
+    def accumulate(g_sum, mb):
+      out, g = grad_fn(state.trainable, mb)
+      return jax.tree_util.tree_map(jnp.add, g_sum, g), out
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+    g_sum, outs = jax.lax.scan(accumulate, zeros, micro)
+    grads = jax.tree_util.tree_map(lambda g: g / num_microbatches, g_sum)
+    total, (base, penalty, metrics, ng_metrics) = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), outs)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable,
                                         ng_excess=ng_metrics["ng_excess"],
                                         ng_active_frac=ng_metrics["ng_active_frac"])
@@ -68,5 +102,9 @@ def make_sharded_train_step(mesh, state, **kwargs):
   from normguard_jax.parallel import rules, sharding  # keep the single-device path import-light
   state_sh = rules.tree_shardings(state, mesh)
   batch_sh = rules.batch_sharding(mesh, 1)  # a pytree prefix: applies to every batch leaf
-  return jax.jit(functools.partial(train_step, **kwargs), in_shardings=(state_sh, batch_sh),
+
+  def step(state, batch):
+    with rules.activation_mesh(mesh):  # the models pin their token streams by the rules table while tracing
+      return train_step(state, batch, **kwargs)
+  return jax.jit(step, in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,)), state_sh, batch_sh
