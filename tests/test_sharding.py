@@ -64,6 +64,9 @@ def test_sharded_step_equals_single_device(lora_rank, axes):
   st2, batch2, _ = _setup(lora_rank)
   step, state_sh, batch_sh = step_lib.make_sharded_train_step(mesh, st2, **kwargs)
   st2, batch2 = jax.device_put(st2, state_sh), jax.device_put(batch2, batch_sh)
+  if lora_rank:  # the models pin their token streams by the rules table (rules.constrain) under the step's mesh
+    hlo = step.lower(st2, batch2).as_text()
+    assert hlo.count("sharding_constraint") + hlo.count("@Sharding") >= 4  # Shardy or GSPMD spelling
   got_state, got_m = step(st2, batch2)
   leaf = jax.tree_util.tree_leaves(got_state.trainable)[0]
   assert len(leaf.sharding.device_set) == 8

@@ -6,7 +6,8 @@
 PIPELINE_DIR is a LOCAL diffusers SD3 pipeline layout: text_encoder, text_encoder_2
 (CLIPTextModelWithProjection), text_encoder_3 (T5EncoderModel), tokenizer, tokenizer_2 (CLIPTokenizer),
 tokenizer_3 (T5 tokenizer); nothing is downloaded. PROMPTS is a text file (one prompt per line, blank lines
-skipped) or JSONL with a ``prompt`` field. OUT receives ``text_embeddings/1.0.0`` (array_record), read back
+skipped), JSONL with a ``prompt`` field, or a prompt-set dataset dir prepared by ``data/prompts.py`` (read in
+order; ``--prompts-split`` picks its split). OUT receives ``text_embeddings/1.0.0`` (array_record), read back
 by ``data.text_embeddings.load_text_embeddings``.
 
 The math is diffusers ``StableDiffusion3Pipeline.encode_prompt`` (one prompt for all three encoders, no
@@ -29,8 +30,15 @@ import numpy as np
 from normguard_jax.data import text_embeddings
 
 
-def read_prompts(path) -> List[str]:
-  """One prompt per line, or JSONL (``.jsonl``/``.json`` or a first line that is a JSON object) with ``prompt``."""
+def read_prompts(path, split: Optional[str] = None) -> List[str]:
+  """One prompt per line, or JSONL (``.jsonl``/``.json`` or a first line that is a JSON object) with ``prompt``;
+  or a prepared prompt-set dir (``data.prompts``), read in order (``split``: default its only split)."""
+  if os.path.isdir(path):
+    from normguard_jax.data import prompts as prompt_sets
+    if not prompt_sets.is_prompt_set_dir(path):
+      raise ValueError(f"{path}: a directory, but not a prepared prompt set "
+                       f"(python -m normguard_jax.data.prompts writes one)")
+    return prompt_sets.load_prompt_set(path, split).prompts()
   with open(path, encoding="utf-8") as f:
     lines = [l.rstrip("\r\n") for l in f]
   first = next((l for l in lines if l.strip()), "")
@@ -150,8 +158,10 @@ def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m normguard_jax.data.encode_prompts", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("pipeline_dir", help="local diffusers SD3 pipeline dir (text encoders + tokenizers)")
-  p.add_argument("prompts", help="text file (one prompt a line) or JSONL with a 'prompt' field")
+  p.add_argument("prompts", help="text file (one prompt a line), JSONL with a 'prompt' field, or a prompt-set "
+                 "dataset dir (python -m normguard_jax.data.prompts)")
   p.add_argument("out", help="output data_dir (gets text_embeddings/1.0.0)")
+  p.add_argument("--prompts-split", default=None, help="split of a prompt-set PROMPTS dir (default: its only one)")
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (diffusers default 256)")
   p.add_argument("--clip-skip", type=int, default=None)
@@ -162,7 +172,7 @@ def main(argv=None):
   p.add_argument("--no-t5", action="store_true", help="zeros for the T5 part (needs --joint-attention-dim)")
   p.add_argument("--joint-attention-dim", type=int, default=None)
   args = p.parse_args(argv)
-  prompts = read_prompts(args.prompts)
+  prompts = read_prompts(args.prompts, args.prompts_split)
   enc = SD3TextEncoder(args.pipeline_dir, device=args.device, dtype=args.dtype,
                        max_sequence_length=args.max_sequence_length, clip_skip=args.clip_skip,
                        use_t5=not args.no_t5, joint_attention_dim=args.joint_attention_dim)

@@ -1,0 +1,65 @@
+"""Shared pieces of the analysis commands: reward from the workdir's config, scoring a sample set (reward and the
+quality proxies of analysis/quality.py), JSON output, and summary statistics of per-step arrays."""
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def reward_fn_for(cfg):
+  """The job's reward: ``make_reward(terms, options)`` (options when the config has ``reward.options``)."""
+  from normguard_jax.rewards.api import make_reward
+  options = cfg.reward.get("options") if hasattr(cfg.reward, "get") else None
+  return make_reward(dict(cfg.reward.terms), dict(options) if options else None)
+
+
+def score(x0, cond, reward_fn, quality):
+  """Mean reward (total and each term) and the quality proxies of a sample set."""
+  from normguard_jax.rewards.api import RewardBatch
+  total, parts = reward_fn(RewardBatch(x0, cond))
+  out = {"reward": float(np.mean(np.asarray(total))),
+         **{f"reward_{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()}}
+  if quality is not None:
+    out.update(quality(np.asarray(x0), np.asarray(cond)))
+  return out
+
+
+def per_step(a):
+  """(K, B) -> per-step batch means as a list."""
+  return np.asarray(a, np.float64).mean(axis=1).tolist()
+
+
+def _clean(obj):
+  if isinstance(obj, dict):
+    return {str(k): _clean(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_clean(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return _clean(obj.tolist())
+  if isinstance(obj, (np.floating, float)):
+    v = float(obj)
+    return v if math.isfinite(v) else None
+  if isinstance(obj, (np.integer,)):
+    return int(obj)
+  if isinstance(obj, np.bool_):
+    return bool(obj)
+  if hasattr(obj, "shape") and hasattr(obj, "dtype"):  # jax arrays
+    return _clean(np.asarray(obj))
+  return obj
+
+
+def write_json(path, obj):
+  """JSON with numpy/jax values converted; non-finite floats written as null."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(_clean(obj), f, indent=2)
+  return path
+
+
+def plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as pyplot
+  return pyplot

@@ -1,0 +1,107 @@
+"""Paired sampling: one Euler ODE trajectory (flow/samplers.sample, a lax.scan) with the policy AND the reference
+evaluated at every state x_k, so that rho_k = ||v_theta(x_k, t_k, c)|| / ||v_ref(x_k, t_k, c)|| is measured on the
+same trajectory (DESIGN.md §1, paper.md §3.3).
+
+Which velocity drives the trajectory is a choice (``drive``):
+
+* ``"policy"``:   x_{k+1} = x_k + (t_{k+1} - t_k) v_theta            (the policy's own trajectory)
+* ``"reference"``: x_{k+1} = x_k + (t_{k+1} - t_k) v_ref              (the reference trajectory)
+* ``"rescaled"``: x_{k+1} = x_k + (t_{k+1} - t_k) v_theta ||v_ref|| / ||v_theta||   (inference-time rescaling,
+  paper.md §3.4; with CFG both sides are the guided velocities, as in CFG renormalisation)
+
+Velocity functions are ``apply(variables, x, t, cond) -> v``; variables are arguments (not closed over), so one
+compile serves every run of the same model config.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from normguard_jax.flow import norms, samplers, schedules
+
+DRIVES = ("policy", "reference", "rescaled")
+
+
+def rescale_velocity(v, v_ref, eps=1e-12):
+  """v' = v ||v_ref|| / ||v|| per sample (norms in float32): the direction of v with the reference's norm."""
+  scale = norms.velocity_norm(v_ref) / jnp.maximum(norms.velocity_norm(v), eps)
+  return (v.astype(jnp.float32) * scale.reshape((-1,) + (1,) * (v.ndim - 1))).astype(v.dtype)
+
+
+def guided(apply, variables, x, t, cond, cfg_scale, null_cond):
+  """v = v(c) when cfg_scale == 1, else the CFG combination v_u + w (v_c - v_u) with the null label
+  ``null_cond`` (flow/samplers.cfg_combine). ``cfg_scale`` may be traced: the unconditional forward then sits
+  under a lax.cond, so one compile serves CFG off and on."""
+  v = apply(variables, x, t, cond)
+  if isinstance(cfg_scale, (int, float)):
+    if cfg_scale == 1.0:
+      return v
+    return samplers.cfg_combine(v, apply(variables, x, t, jnp.full_like(cond, null_cond)), cfg_scale)
+  with_cfg = lambda v: samplers.cfg_combine(v, apply(variables, x, t, jnp.full_like(cond, null_cond)), cfg_scale)
+  return jax.lax.cond(cfg_scale != 1.0, with_cfg, lambda v: v, v)
+
+
+def _cosine(a, b, eps=1e-12):
+  a = a.astype(jnp.float32).reshape(a.shape[0], -1)
+  b = b.astype(jnp.float32).reshape(b.shape[0], -1)
+  return jnp.sum(a * b, 1) / jnp.maximum(jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1), eps)
+
+
+def paired_sample(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_apply, drive="policy",
+                  cfg_scale=1.0, null_cond=None):
+  """Returns dict: ``x0`` (B, ...), ``xs`` (K+1, B, ...), and per step (K, B): ``norm`` = ||v_theta||,
+  ``norm_ref`` = ||v_ref||, ``rho`` = norm / norm_ref, ``norm_drive`` = norm of the velocity that moved x, and
+  ``cos`` = cosine(v_theta, v_ref). ``drive`` is a name or its index in DRIVES (may be traced)."""
+  if isinstance(drive, str):
+    if drive not in DRIVES:
+      raise ValueError(f"unknown drive {drive!r}; expected one of {DRIVES}")
+    drive = DRIVES.index(drive)
+  if null_cond is None and not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0):
+    raise ValueError("CFG needs null_cond (the unconditional label)")
+
+  def velocity_fn(x, t):
+    v = guided(policy_apply, policy_vars, x, t, cond, cfg_scale, null_cond)
+    v_ref = guided(ref_apply, ref_vars, x, t, cond, cfg_scale, null_cond)
+    d = jnp.where(drive == 0, v, jnp.where(drive == 1, v_ref, rescale_velocity(v, v_ref)))
+    n, n_ref = norms.velocity_norm(v), norms.velocity_norm(v_ref)
+    return d, {"norm": n, "norm_ref": n_ref, "norm_drive": norms.velocity_norm(d), "cos": _cosine(v, v_ref)}
+
+  traj = samplers.sample(velocity_fn, x1, grid, None, noise_level=0.0)
+  a = traj.aux
+  return {"x0": traj.xs[-1], "xs": traj.xs, "norm": a["norm"], "norm_ref": a["norm_ref"],
+          "norm_drive": a["norm_drive"], "cos": a["cos"], "rho": a["norm"] / jnp.maximum(a["norm_ref"], 1e-12)}
+
+
+@functools.partial(jax.jit, static_argnames=("policy_apply", "ref_apply", "null_cond"))
+def _paired_sample_jit(policy_vars, ref_vars, x1, cond, grid, drive, cfg_scale, *, policy_apply, ref_apply,
+                       null_cond):
+  return paired_sample(policy_vars, ref_vars, x1, cond, grid, policy_apply=policy_apply, ref_apply=ref_apply,
+                       drive=drive, cfg_scale=cfg_scale, null_cond=null_cond)
+
+
+def paired_sample_jit(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_apply, drive="policy",
+                      cfg_scale=1.0, null_cond=None):
+  """Jitted :func:`paired_sample`; drive and CFG scale are traced, so one compile per (model pair, step count)."""
+  if null_cond is None:
+    null_cond = -1
+    if cfg_scale != 1.0:
+      raise ValueError("CFG needs null_cond (the unconditional label)")
+  return _paired_sample_jit(policy_vars, ref_vars, x1, cond, grid, jnp.int32(DRIVES.index(drive)),
+                            jnp.float32(cfg_scale), policy_apply=policy_apply, ref_apply=ref_apply,
+                            null_cond=int(null_cond))
+
+
+def eval_inputs(cfg, per_class, seed_offset=777):
+  """Held-out eval inputs: labels (per_class of each class) and initial noise x1, from a key the training loop's
+  evaluator does not use (it uses seed + 12345)."""
+  n_cls = int(cfg.model.num_classes)
+  cond = jnp.repeat(jnp.arange(n_cls, dtype=jnp.int32), per_class)
+  shape = (cond.shape[0], int(cfg.model.image_size), int(cfg.model.image_size), int(cfg.model.channels))
+  x1 = jax.random.normal(jax.random.PRNGKey(int(cfg.seed) + seed_offset), shape, jnp.float32)
+  return x1, cond
+
+
+@functools.lru_cache(maxsize=None)
+def grid_for(num_steps, shift):
+  return schedules.sampling_grid(int(num_steps), float(shift))

@@ -1,0 +1,233 @@
+"""Load a finished main-job workdir for analysis, independently of the training loop's internals.
+
+Depends only on the on-disk contract (README "Outputs in the workdir", train/checkpoint.py):
+
+* ``WORKDIR/config.json``: the job's ml_collections config as JSON;
+* ``WORKDIR/runs/<name>/checkpoints/<step>/`` orbax items ``state`` (TrainState fields ``step, trainable, frozen,
+  old, opt_state, rng``) and ``meta`` (JSON; the final checkpoint has ``done=True`` and the run's ``result``);
+* ``WORKDIR/runs/<name>/metrics.jsonl``;
+
+plus ``train.loop.model_config`` / ``apply_fn_for`` and ``models/dit.py``. Checkpoints are restored onto one local
+device (a target built from the checkpoint's own metadata), whatever device count or mesh they were saved from.
+
+Policy variables (train/state.py): LoRA runs ``{"params": frozen, "lora": trainable}`` (adapter on), full fine-tuning
+``{"params": trainable}``. The reference is ``{"params": frozen}`` under the LoRA-free model config, i.e. the base
+model exactly (DESIGN.md §3, LoRA gate 0 = base model).
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class WorkdirError(RuntimeError):
+  """The workdir is missing, unfinished or unreadable; the message says which file and what to do."""
+
+
+@dataclasses.dataclass
+class RunModel:
+  name: str
+  method: Optional[str]
+  normguard: Optional[bool]
+  lora: bool
+  step: int                      # checkpoint step (done checkpoints sit at iterations + 1)
+  iteration: int                 # training iterations the params have seen (TrainState.step)
+  done: bool
+  status: Optional[str]          # "ok", "diverged", ... from the final meta; None when unfinished
+  model_cfg: Any                 # dit.DiTConfig of the policy
+  variables: Dict[str, Any]      # policy variables for models/dit.velocity
+  meta: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class Workdir:
+  path: str
+  cfg: ml_collections.ConfigDict
+  ref_model_cfg: Any
+  ref_params: Any
+  runs: Dict[str, RunModel]
+
+  @property
+  def ref_variables(self):
+    return {"params": self.ref_params}
+
+  def pairs(self):
+    """method -> {"base": RunModel|None, "ng": RunModel|None} (names ``<method>_base`` / ``<method>_ng``)."""
+    out = {}
+    for r in self.runs.values():
+      method = r.method or r.name.rsplit("_", 1)[0]
+      out.setdefault(method, {"base": None, "ng": None})["ng" if r.normguard else "base"] = r
+    return out
+
+
+def _loop():
+  from normguard_jax.train import loop  # the two stable names: model_config, apply_fn_for
+  return loop
+
+
+def model_config(cfg, lora_rank=0):
+  return _loop().model_config(cfg, lora_rank)
+
+
+@functools.lru_cache(maxsize=None)
+def velocity_apply(model_cfg):
+  """``f(variables, x, t, cond) -> v`` for a DiT config (adapter on for LoRA variables). Cached per config so
+  that jitted analysis functions taking it as a static argument compile once per model, not once per run."""
+  apply_fn = _loop().apply_fn_for(model_cfg)
+
+  def f(variables, x, t, cond):
+    return apply_fn(variables, x, t, cond, None)
+
+  return f
+
+
+def load_config(workdir):
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"workdir {workdir!r} does not exist")
+  if not os.path.isfile(path):
+    raise WorkdirError(f"{path} is missing: {workdir!r} is not a main-job workdir "
+                       "(python -m normguard_jax.train --config ... --workdir DIR writes it first)")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{path} is not readable JSON: {e}") from e
+
+
+def run_names(workdir):
+  """Names of the RL runs in ``WORKDIR/runs`` (folders with a ``checkpoints`` subfolder), in config order when
+  the config names them (rl.methods x rl.normguard), then any others sorted."""
+  root = os.path.join(workdir, "runs")
+  found = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else [])
+                 if os.path.isdir(os.path.join(root, n, "checkpoints")))
+  return found
+
+
+def _ordered(names, cfg):
+  try:
+    csv = lambda s: [x.strip() for x in str(s).split(",") if x.strip()]
+    order = [f"{m}_{'ng' if s == 'on' else 'base'}" for m in csv(cfg.rl.methods) for s in csv(cfg.rl.normguard)]
+  except (AttributeError, KeyError):
+    order = []
+  return [n for n in order if n in names] + [n for n in names if n not in order]
+
+
+def _steps(ckpt_dir):
+  return sorted(int(n) for n in os.listdir(ckpt_dir)
+                if n.isdigit() and os.path.isfile(os.path.join(ckpt_dir, n, "_CHECKPOINT_METADATA")))
+
+
+def restore_checkpoint(ckpt_dir, step=None):
+  """Restore one checkpoint (the newest by default) onto the first local device. Returns (step, state dict, meta).
+
+  The restore target is built from the checkpoint's own array metadata (shape, dtype) with a single-device
+  sharding, so a checkpoint saved on N devices or another mesh restores here."""
+  import orbax.checkpoint as ocp
+  if not os.path.isdir(ckpt_dir):
+    raise WorkdirError(f"no checkpoint folder {ckpt_dir}")
+  steps = _steps(ckpt_dir)
+  if not steps:
+    raise WorkdirError(f"{ckpt_dir} holds no finished checkpoint (the run has not saved yet, or every save was "
+                       "interrupted); --runs picks the runs to analyse")
+  step = steps[-1] if step is None else step
+  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta"), item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  try:
+    md = mngr.item_metadata(step)["state"]
+    tree = getattr(md, "tree", md)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding) if is_array(x) else x, tree,
+        is_leaf=is_array)
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                     meta=ocp.args.JsonRestore()))
+  except Exception as e:
+    raise WorkdirError(f"checkpoint {ckpt_dir}/{step} does not restore: {type(e).__name__}: {e}") from e
+  finally:
+    mngr.close()
+  return step, out.state, dict(out.meta or {})
+
+
+def _is_lora(trainable):
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)]
+  return bool(paths) and all("lora_" in p for p in paths)
+
+
+def load_run(workdir, name, cfg, require_done=True):
+  """-> (RunModel, reference params of that run: its state's ``frozen`` field)."""
+  ckpt_dir = os.path.join(workdir, "runs", name, "checkpoints")
+  step, state, meta = restore_checkpoint(ckpt_dir)
+  done = bool(meta.get("done"))
+  if require_done and not done:
+    raise WorkdirError(f"run {name!r} in {workdir} is unfinished: its newest checkpoint ({step}) is not the final "
+                       "one (meta.done is not set). Rerun the training command on this workdir to finish it, or "
+                       "pass --allow-unfinished to analyse the latest checkpoint.")
+  lora = _is_lora(state["trainable"])
+  rank = int(cfg.rl.lora_rank) if lora else 0
+  mcfg = model_config(cfg, rank)
+  variables = {"params": state["frozen"], "lora": state["trainable"]} if lora else {"params": state["trainable"]}
+  result = meta.get("result") or {}
+  return RunModel(name=name, method=meta.get("method"), normguard=meta.get("normguard"), lora=lora, step=step,
+                  iteration=int(np.asarray(state["step"])), done=done, status=result.get("status"),
+                  model_cfg=mcfg, variables=variables,
+                  meta={k: v for k, v in meta.items() if k not in ("samples", "history")}), state["frozen"]
+
+
+def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True):
+  """Load config, reference params and every (or the named) run's final policy variables."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  cfg = load_config(workdir)
+  task = cfg.get("task", "digits")
+  if task != "digits":
+    raise WorkdirError(f"{workdir} is a {task!r} workdir; the analysis commands support the digits task (its "
+                       "tiny DiT and quality proxies) only so far")
+  names = _ordered(run_names(workdir), cfg)
+  if runs:
+    missing = sorted(set(runs) - set(names))
+    if missing:
+      raise WorkdirError(f"run(s) {missing} not found in {workdir}/runs (have {names})")
+    names = [n for n in names if n in runs]
+  if not names:
+    raise WorkdirError(f"{workdir} has no RL run checkpoints under runs/<name>/checkpoints: the job has not "
+                       "finished a run yet")
+  loaded, ref_params = {}, None
+  for name in names:
+    run, ref = load_run(workdir, name, cfg, require_done=require_done)
+    if ref_params is None:
+      ref_params = ref
+    else:
+      same = jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), ref_params, ref))
+      if not same:
+        log.warning("run %s has different frozen (reference) params from the first run; using the first", name)
+    loaded[name] = run
+  return Workdir(path=workdir, cfg=cfg, ref_model_cfg=model_config(cfg, 0), ref_params=ref_params, runs=loaded)
+
+
+def read_metrics(path):
+  """``metrics.jsonl`` -> list of dicts (blank or truncated lines skipped)."""
+  rows = []
+  if not os.path.isfile(path):
+    return rows
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        continue  # a line cut by a crash mid-write
+  return rows
