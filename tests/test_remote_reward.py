@@ -213,3 +213,29 @@ def test_server_cli_prints_port():
   finally:
     p.terminate()
     p.wait(5)
+
+
+@pytest.mark.parametrize("fault", ["500", "nan", "malformed"])
+def test_failed_server_stops_the_iteration_before_the_advantages(server, fault):
+  """Through the loop's rollout-and-score path: a server that keeps failing raises after its retries, so the
+  iteration never reaches group advantages or the train batch; no 0 or NaN stands in for a reward."""
+  from normguard_jax.train import loop
+  seen = []
+  fn = api.make_reward({"remote": 1.0}, {"remote": {"url": server.score_url + f"?fault={fault}", "timeout_s": 0.5,
+                                                    "max_attempts": 2, "backoff_s": 0.01}})
+  def reward_fn(batch):
+    out = fn(batch)
+    seen.append(out)  # only a successful reply would get here
+    return out
+  cond = np.arange(8, dtype=np.int32)
+  rollout_fn = lambda c, u, k: {"x0": images(len(c), seed=int(c[0]))}
+  with pytest.raises(RemoteRewardError):
+    loop.rollout_and_score(rollout_fn, lambda x: x, reward_fn, cond, None, None, jax.random.PRNGKey(0), 4)
+  assert seen == []
+  server.control({"default": "ok"})
+  ro, rewards, parts = loop.rollout_and_score(rollout_fn, lambda x: x, api.make_reward(
+      {"remote": 1.0}, {"remote": {"url": server.score_url, "timeout_s": 0.5}}), cond, None, None,
+      jax.random.PRNGKey(0), 4)
+  np.testing.assert_allclose(np.asarray(rewards), np.concatenate([expected(images(4, 0)), expected(images(4, 4))]),
+                             atol=1e-6)
+  assert ro["x0"].shape == (8, 8, 8, 1)
