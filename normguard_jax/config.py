@@ -13,7 +13,7 @@ import ml_collections
 
 from normguard_jax.rl import awm, normguard as ng
 from normguard_jax.models import attention as attention_lib
-from normguard_jax.models import dit, layers, mmdit
+from normguard_jax.models import dit, flux, layers, mmdit
 from normguard_jax.rewards.api import REGISTRY as REWARDS
 from normguard_jax.rl.losses import BASE_LOSSES
 from normguard_jax.train import fused
@@ -103,7 +103,7 @@ def _check(cond, field, msg):
     raise ConfigError(f"config.{field}: {msg}")
 
 
-TASK_LORA_TARGETS = {"digits": dit.LORA_TARGETS, "sd3": mmdit.LORA_TARGETS}
+TASK_LORA_TARGETS = {"digits": dit.LORA_TARGETS, "sd3": mmdit.LORA_TARGETS, "flux": flux.LORA_TARGETS}
 
 
 def _validate_digits(cfg):
@@ -116,7 +116,8 @@ def _validate_digits(cfg):
   _check(0 <= cfg.pretrain.cfg_dropout < 1, "pretrain.cfg_dropout", "must be in [0, 1)")
 
 
-def _validate_sd3(cfg):
+def _validate_text(cfg):
+  """SD3 and FLUX (normguard_jax/tasks/text_to_image.py): local paths and model fields."""
   m, d = cfg.model, cfg.data
   _check(bool(m.weights_dir), "model.weights_dir",
          "is not set: pass --config.model.weights_dir=/path/to/a/local/diffusers/SD3.5/snapshot")
@@ -126,13 +127,14 @@ def _validate_sd3(cfg):
          "is not set: encode prompts with `python -m normguard_jax.data.encode_prompts` and pass the output dir")
   _check(os.path.isdir(os.path.expanduser(d.embeddings_dir)), "data.embeddings_dir",
          f"{d.embeddings_dir!r} is not a directory")
-  _check(cfg.rollout.cfg_scale == 1.0, "rollout.cfg_scale",
-         "text tasks sample CFG-free (as the SD3.5 recipes do); CFG > 1 is not supported yet")
   _check(isinstance(m.resolution, int) and m.resolution > 0, "model.resolution", "must be a positive integer")
   _check(isinstance(cfg.eval.num_prompts, int) and cfg.eval.num_prompts >= 1, "eval.num_prompts",
          "must be an integer >= 1")
-  _check(m.remat_policy in layers.REMAT_POLICIES, "model.remat_policy",
+  _check(m.get("remat_policy", "full") in layers.REMAT_POLICIES, "model.remat_policy",
          f"expected one of {sorted(layers.REMAT_POLICIES)}")
+  _check(isinstance(m.decode_batch, int) and m.decode_batch >= 0, "model.decode_batch",
+         "must be an integer >= 0 (0 = decode all rows at once)")
+  _check(cfg.rollout.cfg_scale >= 1.0, "rollout.cfg_scale", "must be >= 1 (1 = no CFG)")
   for field in ("dtype", "param_dtype"):
     _check(m[field] in ("float32", "bfloat16", "float16"), f"model.{field}",
            "expected 'float32', 'bfloat16' or 'float16'")
@@ -185,5 +187,5 @@ def validate(cfg):
   _check(cfg.rl.num_train_timesteps <= usable, "rl.num_train_timesteps",
          f"{cfg.rl.num_train_timesteps} exceeds the {usable} usable sampler steps "
          f"(rollout.num_steps * rl.timestep_fraction)")
-  (_validate_digits if task == "digits" else _validate_sd3)(cfg)
+  (_validate_digits if task == "digits" else _validate_text)(cfg)
   return cfg

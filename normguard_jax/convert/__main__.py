@@ -1,12 +1,13 @@
-"""Convert SD3/SD3.5 transformers between diffusers and our orbax param trees.
+"""Convert SD3/SD3.5 and FLUX.1 / FLUX.2 transformers between diffusers and our orbax param trees.
 
   python -m normguard_jax.convert to-jax SRC OUT [--no-scan-layers] [--variant fp16] [--no-hash]
-      SRC: a local diffusers pipeline dir (or its transformer/ dir). Writes OUT/params (an orbax
+      SRC: a local diffusers pipeline dir (or its transformer/ dir); the model family (SD3Transformer2DModel,
+      FluxTransformer2DModel, Flux2Transformer2DModel) comes from config.json's _class_name. Writes OUT/params (an orbax
       StandardCheckpointer tree: our params) and OUT/manifest.json (source, file sizes and sha256, the
       diffusers config, our config, param count).
   python -m normguard_jax.convert export-full CKPT OUT [--config DIR|manifest.json] [--key state/trainable]
       CKPT: an orbax tree (to-jax's OUT/params, or a train checkpoint's <step>/state with --key). Writes a
-      diffusers transformer dir (config.json + safetensors) that SD3Transformer2DModel.from_pretrained loads.
+      diffusers transformer dir (config.json + safetensors) that the diffusers class's from_pretrained loads.
   python -m normguard_jax.convert export-lora CKPT OUT --config DIR|manifest.json --lora-alpha A [--key ...]
       Writes OUT/pytorch_lora_weights.safetensors (PEFT keys, adapter 0 by default, alpha folded into B unless
       --no-fold-alpha) for pipe.load_lora_weights / transformer.load_lora_adapter.
@@ -54,7 +55,7 @@ def _restore(path, key=None):
 
 def _base_config(ckpt, config):
   """-> the diffusers config.json dict, from --config (dir or manifest) or the manifest next to CKPT."""
-  from normguard_jax.convert import safetensors_io, sd3
+  from normguard_jax.convert import export, safetensors_io
   cands = [config] if config else [os.path.join(ckpt, MANIFEST), os.path.join(os.path.dirname(os.path.abspath(ckpt)), MANIFEST)]
   for c in cands:
     if c and os.path.isfile(c) and c.endswith(".json"):
@@ -64,23 +65,31 @@ def _base_config(ckpt, config):
       if os.path.isfile(os.path.join(c, MANIFEST)):
         with open(os.path.join(c, MANIFEST)) as f:
           return json.load(f)["diffusers_config"]
-      return safetensors_io.read_config(safetensors_io.resolve_component_dir(c, "transformer", sd3.CLASS_NAMES))
+      return safetensors_io.read_config(safetensors_io.resolve_component_dir(c, "transformer", export.CLASS_NAMES))
   raise SystemExit("no architecture: pass --config (a diffusers dir or a to-jax manifest.json)")
 
 
 def _is_scanned(tree):
-  return any(k.startswith("blocks_") for k in tree)
+  return any(k.startswith("blocks_") or k in ("double_blocks", "single_blocks") for k in tree)
+
+
+def _family(diffusers_config):
+  """The export.Family of a diffusers config (no ``_class_name``: SD3, as before FLUX existed)."""
+  from normguard_jax.convert import export
+  return export.family_of_class(diffusers_config.get("_class_name") or "SD3Transformer2DModel")
 
 
 def cmd_to_jax(args):
   import jax
   import orbax.checkpoint as ocp
-  from normguard_jax.convert import safetensors_io, sd3
-  from normguard_jax.models import mmdit
+  from normguard_jax.convert import export, safetensors_io
   src = os.path.abspath(args.src)
-  tdir = safetensors_io.resolve_component_dir(src, "transformer", sd3.CLASS_NAMES)
+  tdir = safetensors_io.resolve_component_dir(src, "transformer", export.CLASS_NAMES)
+  fam = _family(safetensors_io.read_config(tdir))
+  model_name = fam.model.__name__.rsplit(".", 1)[-1]  # "mmdit" / "flux"
   dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[args.param_dtype]
-  cfg, params = sd3.load_transformer(tdir, variant=args.variant, param_dtype=dtype, scan_layers=args.scan_layers)
+  cfg, params = fam.converter.load_transformer(tdir, variant=args.variant, param_dtype=dtype,
+                                               scan_layers=args.scan_layers)
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
@@ -94,26 +103,28 @@ def cmd_to_jax(args):
       entry["sha256"] = _sha256(f)
     files.append(entry)
   manifest = {
-      "format": "normguard_jax.mmdit/orbax-standard/v1",
+      "format": f"normguard_jax.{model_name}/orbax-standard/v1",
+      "model_family": fam.name,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
       "source_dir": src, "transformer_dir": tdir, "files": files,
       "diffusers_config": safetensors_io.read_config(tdir),
-      "mmdit_config": dataclasses.asdict(cfg),
-      "param_count": int(mmdit.param_count(params)),
+      f"{model_name}_config": dataclasses.asdict(cfg),
+      "param_count": int(fam.model.param_count(params)),
       "param_dtype": args.param_dtype,
       "params_path": "params",
   }
   with open(os.path.join(out, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
-  print(json.dumps({"out": out, "param_count": manifest["param_count"], "scan_layers": cfg.scan_layers}))
+  print(json.dumps({"out": out, "family": fam.name, "param_count": manifest["param_count"],
+                    "scan_layers": cfg.scan_layers}))
   return manifest
 
 
 def cmd_export_full(args):
-  from normguard_jax.convert import export, sd3
+  from normguard_jax.convert import export
   params = _restore(args.ckpt, args.key)
   base = _base_config(args.ckpt, args.config)
-  cfg = sd3.config_from_diffusers(base, scan_layers=_is_scanned(params))
+  cfg = _family(base).converter.config_from_diffusers(base, scan_layers=_is_scanned(params))
   dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[args.dtype]
   if dtype is None:
     import ml_dtypes
@@ -125,18 +136,18 @@ def cmd_export_full(args):
 
 
 def cmd_export_lora(args):
-  from normguard_jax.convert import export, sd3
-  from normguard_jax.models import mmdit
+  from normguard_jax.convert import export
   lora = _restore(args.ckpt, args.key)
   base = _base_config(args.ckpt, args.config)
+  fam = _family(base)
   flat = export._leaf_paths(lora)
   ranks = {np.shape(a)[-2] for p, a in flat.items() if p[-1] == "lora_a"}
-  targets = tuple(t for t in mmdit.LORA_TARGETS if any(p[-2] == t for p in flat))
+  targets = tuple(t for t in fam.lora_targets if any(p[-2] == t for p in flat))
   if len(ranks) != 1:
     raise SystemExit(f"expected one LoRA rank in the tree, found {sorted(ranks)} (is --key right?)")
   rank = args.lora_rank or ranks.pop()
-  cfg = sd3.config_from_diffusers(base, scan_layers=_is_scanned(lora), lora_rank=rank, lora_alpha=args.lora_alpha,
-                                  lora_targets=targets)
+  cfg = fam.converter.config_from_diffusers(base, scan_layers=_is_scanned(lora), lora_rank=rank,
+                                           lora_alpha=args.lora_alpha, lora_targets=targets)
   path = export.save_lora(args.out, cfg, lora, adapter=args.adapter, fold_alpha=not args.no_fold_alpha)
   print(json.dumps({"out": os.path.abspath(path), "rank": rank, "alpha": args.lora_alpha, "targets": targets}))
   return path

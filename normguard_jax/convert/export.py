@@ -1,4 +1,5 @@
-"""Export back to diffusers: full SD3 transformer weights, and LoRA adapters in the PEFT/diffusers format.
+"""Export back to diffusers: full transformer weights (SD3 / SD3.5, FLUX.1, FLUX.2) and LoRA adapters in the
+PEFT/diffusers format.
 
 Full weights (:func:`transformer_state_dict`, :func:`save_transformer`): the exact inverse of
 ``convert/sd3.py``'s declarative key map. Every ``Entry`` is walked backwards: Linear kernels transposed back
@@ -20,6 +21,12 @@ header, as diffusers' ``save_lora_weights`` writes it) carries ``lora_alpha``. d
 
 Everything is strict: a param tree that is not exactly the one the config implies raises ConversionError
 naming every missing, extra or misshapen leaf. No torch is needed (safetensors' numpy API).
+
+FLUX (models/flux.py, convert/flux.py) goes through the same code: the family is picked from the config's
+type (:func:`family_of`). FLUX LoRA keys are ``transformer.transformer_blocks.{i}.attn.{proj}`` (double
+blocks; ``to_out.0``) and ``transformer.single_transformer_blocks.{i}.attn.{proj}`` (single blocks: FLUX.1
+to_q/k/v; FLUX.2 ``to_qkv_mlp_proj`` and ``to_out``, which has no ``.0`` there). The saved ``config.json``
+is ``FluxTransformer2DModel`` / ``Flux2Transformer2DModel``.
 """
 
 import dataclasses
@@ -31,9 +38,10 @@ from typing import Dict, Optional, Tuple
 import jax
 import numpy as np
 
+from normguard_jax.convert import flux as convert_flux
 from normguard_jax.convert import sd3 as convert_sd3
 from normguard_jax.convert.safetensors_io import ConversionError, _leaf_paths
-from normguard_jax.models import mmdit
+from normguard_jax.models import flux, mmdit
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -42,10 +50,43 @@ LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_
 _DIFFUSERS_NAME = {"to_out": "to_out.0"}  # our LoRADense name -> diffusers module path inside an Attention
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One transformer family: its diffusers class names, converter module, model module and LoRA targets."""
+  name: str
+  label: str
+  class_names: Tuple[str, ...]
+  converter: object
+  model: object
+  lora_targets: Tuple[str, ...]
+
+
+FAMILIES = (
+    Family("sd3", "SD3 transformer", convert_sd3.CLASS_NAMES, convert_sd3, mmdit, mmdit.LORA_TARGETS),
+    Family("flux", "FLUX.1 transformer", (convert_flux.FLUX1_CLASS,), convert_flux, flux, flux.FLUX1_LORA_TARGETS),
+    Family("flux2", "FLUX.2 transformer", (convert_flux.FLUX2_CLASS,), convert_flux, flux, flux.FLUX2_LORA_TARGETS),
+)
+CLASS_NAMES = tuple(c for f in FAMILIES for c in f.class_names)
+
+
+def family_of(cfg) -> Family:
+  """The family of a model config (MMDiTConfig, FluxConfig or Flux2Config)."""
+  name = getattr(cfg, "family", "sd3")
+  return next(f for f in FAMILIES if f.name == name)
+
+
+def family_of_class(class_name) -> Family:
+  """The family of a diffusers ``_class_name`` (ConversionError if none)."""
+  for f in FAMILIES:
+    if class_name in f.class_names:
+      return f
+  raise ConversionError("config", [f"_class_name {class_name!r} is not one of {CLASS_NAMES}"])
+
+
 @functools.lru_cache(maxsize=16)
-def _shapes(cfg: mmdit.MMDiTConfig):
+def _shapes(cfg):
   """Abstract variables of ``cfg`` (traced once per config)."""
-  return mmdit.param_shapes(cfg)
+  return family_of(cfg).model.param_shapes(cfg)
 
 
 def _to_numpy(tree):
@@ -79,8 +120,12 @@ def _get(tree, path):
 
 # ----------------------------------------------------------------------------------------------- full weights
 
-def diffusers_config(cfg: mmdit.MMDiTConfig, base: Optional[dict] = None) -> dict:
-  """``config.json`` of an SD3Transformer2DModel with ``cfg``'s architecture (``base``'s other fields kept)."""
+def diffusers_config(cfg, base: Optional[dict] = None) -> dict:
+  """``config.json`` of the diffusers model with ``cfg``'s architecture (``base``'s other fields kept)."""
+  if family_of(cfg).name != "sd3":
+    out = convert_flux.diffusers_config(cfg, base)
+    out.setdefault("_diffusers_version", _diffusers_version())
+    return out
   out = dict(base or {})
   out.pop("_name_or_path", None)
   out["_class_name"] = "SD3Transformer2DModel"
@@ -99,15 +144,16 @@ def _diffusers_version():
     return "0.30.0"
 
 
-def transformer_state_dict(cfg: mmdit.MMDiTConfig, params, *, dtype=np.float32) -> Dict[str, np.ndarray]:
-  """diffusers ``SD3Transformer2DModel.state_dict()`` (numpy, torch layouts) from our ``params``.
+def transformer_state_dict(cfg, params, *, dtype=np.float32) -> Dict[str, np.ndarray]:
+  """diffusers ``state_dict()`` (numpy, torch layouts) of the SD3 / FLUX transformer, from our ``params``.
 
-  The inverse of ``sd3.key_map(cfg)``; ``params`` may be scanned or not, as ``cfg.scan_layers`` says.
+  The inverse of the converter's ``key_map(cfg)``; ``params`` may be scanned or not, as ``cfg.scan_layers`` says.
   """
+  fam = family_of(cfg)
   base_cfg = dataclasses.replace(cfg, lora_rank=0)
-  got = _check_tree("SD3 transformer export", _to_numpy(params), _shapes(base_cfg)["params"])
+  got = _check_tree(f"{fam.label} export", _to_numpy(params), _shapes(base_cfg)["params"])
   out = {}
-  for e in convert_sd3.key_map(cfg):
+  for e in fam.converter.key_map(cfg):
     if e.layout == "check":
       a = np.asarray(e.expected)
     else:
@@ -129,11 +175,11 @@ def _save_safetensors(path, tensors, metadata=None):
   os.replace(tmp, path)  # never leave a half-written file under the real name
 
 
-def save_transformer(directory, cfg: mmdit.MMDiTConfig, params, *, base_config: Optional[dict] = None,
+def save_transformer(directory, cfg, params, *, base_config: Optional[dict] = None,
                      dtype=np.float32, max_shard_bytes: Optional[int] = None) -> str:
   """Writes ``<directory>/config.json`` and the weights (sharded with an index above ``max_shard_bytes``).
 
-  Returns ``directory``. ``SD3Transformer2DModel.from_pretrained(directory)`` loads it.
+  Returns ``directory``. ``SD3Transformer2DModel`` / ``Flux[2]Transformer2DModel.from_pretrained`` loads it.
   """
   directory = os.fspath(directory)
   tensors = transformer_state_dict(cfg, params, dtype=dtype)
@@ -166,9 +212,33 @@ def save_transformer(directory, cfg: mmdit.MMDiTConfig, params, *, base_config: 
 
 # ----------------------------------------------------------------------------------------------- LoRA
 
-def _lora_modules(cfg: mmdit.MMDiTConfig):
+def _has(shapes, path):
+  try:
+    _get(shapes, path + ("lora_a",))
+    return True
+  except KeyError:
+    return False
+
+
+def _flux_lora_modules(cfg, shapes):
+  out = []
+  for g in flux.block_layout(cfg):
+    prefix = "transformer_blocks" if g.kind == "double" else "single_transformer_blocks"
+    for target in flux.LORA_TARGETS:
+      path = (g.name, "attn", target)
+      if not _has(shapes, path):
+        continue
+      name = _DIFFUSERS_NAME.get(target, target) if g.kind == "double" else target
+      for i in range(g.start, g.stop):
+        out.append((f"{prefix}.{i}.attn.{name}", path, i - g.start if g.scanned else None))
+  return out
+
+
+def _lora_modules(cfg):
   """[(diffusers module path, our tree path to the LoRADense, stacked index or None)] in layer order."""
   shapes = _shapes(cfg).get("lora", {})
+  if family_of(cfg).name != "sd3":
+    return _flux_lora_modules(cfg, shapes)
   out = []
   for g in mmdit.block_layout(cfg):
     for attn in ("attn", "attn2"):
@@ -184,7 +254,7 @@ def _lora_modules(cfg: mmdit.MMDiTConfig):
   return out
 
 
-def lora_config(cfg: mmdit.MMDiTConfig, *, fold_alpha=True) -> dict:
+def lora_config(cfg, *, fold_alpha=True) -> dict:
   """peft ``LoraConfig`` kwargs for the exported adapter (what diffusers' ``get_peft_kwargs`` would infer)."""
   r = cfg.lora_rank
   return {"r": r, "lora_alpha": float(r) if fold_alpha else float(cfg.lora_alpha), "rank_pattern": {},
@@ -192,11 +262,12 @@ def lora_config(cfg: mmdit.MMDiTConfig, *, fold_alpha=True) -> dict:
           "lora_bias": False}
 
 
-def lora_state_dict(cfg: mmdit.MMDiTConfig, lora, *, adapter=0, fold_alpha=True, prefix="transformer",
+def lora_state_dict(cfg, lora, *, adapter=0, fold_alpha=True, prefix="transformer",
                     dtype=np.float32) -> Tuple[Dict[str, np.ndarray], dict]:
   """-> (PEFT state dict, LoraConfig kwargs) of adapter ``adapter`` (index on the last axis) of ``lora``.
 
-  Keys are ``{prefix}.transformer_blocks.{i}.{attn}.{proj}.lora_{A,B}.weight``; scanned groups are unstacked.
+  Keys are ``{prefix}.{diffusers module}.lora_{A,B}.weight`` (e.g. ``transformer_blocks.{i}.attn.to_q``);
+  scanned groups are unstacked.
   """
   if cfg.lora_rank <= 0:
     raise ValueError("cfg.lora_rank must be > 0 to export a LoRA (the config the adapters were trained with)")
@@ -218,12 +289,12 @@ def lora_state_dict(cfg: mmdit.MMDiTConfig, lora, *, adapter=0, fold_alpha=True,
   return out, lora_config(cfg, fold_alpha=fold_alpha)
 
 
-def save_lora(path, cfg: mmdit.MMDiTConfig, lora, *, adapter=0, fold_alpha=True, prefix="transformer",
+def save_lora(path, cfg, lora, *, adapter=0, fold_alpha=True, prefix="transformer",
               dtype=np.float32) -> str:
   """Writes ``pytorch_lora_weights.safetensors`` (``path`` is a directory, or the file name itself).
 
   The adapter config goes in the header under ``lora_adapter_metadata`` with ``{prefix}.``-prefixed keys, as
-  diffusers' ``StableDiffusion3Pipeline.save_lora_weights`` writes it. Returns the file path.
+  diffusers' ``StableDiffusion3Pipeline`` / ``FluxPipeline.save_lora_weights`` write it. Returns the file path.
   """
   path = os.fspath(path)
   if not path.endswith(".safetensors"):

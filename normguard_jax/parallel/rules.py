@@ -56,6 +56,14 @@ PARAM_AXES = (
     (r"(^|/)text_embedder/linear_1/kernel$", ("text_embed", "embed")),
     (r"(^|/)proj_out/kernel$", ("embed", "out_channels")),
     (r"(^|/)proj_out/bias$", ("out_channels",)),
+    # FLUX.1 / FLUX.2 (models/flux.py; diffusers names), after the shared attention and embedding patterns above
+    (r"(^|/)(norm|proj_mlp|to_qkv_mlp_proj|linear_in|double_stream_modulation_img|double_stream_modulation_txt|"
+     r"single_stream_modulation)/kernel$", ("embed", "mlp")),
+    (r"(^|/)(norm|proj_mlp|to_qkv_mlp_proj)/bias$", ("mlp",)),
+    (r"(^|/)linear_out/kernel$", ("mlp", "embed")),
+    (r"(^|/)guidance_embedder/linear_1/kernel$", ("freq", "embed")),
+    (r"(^|/)x_embedder/kernel$", ("in_channels", "embed")),
+    (r"(^|/)x_embedder/bias$", ("embed",)),
 )
 
 ACTIVATION_AXES = {

@@ -15,7 +15,8 @@ picks one of :data:`TASKS`. A task provides, with conditioning ``cond`` as any p
 
 import importlib
 
-TASKS = {"digits": "normguard_jax.tasks.digits:DigitsTask", "sd3": "normguard_jax.tasks.sd3:SD3Task"}
+TASKS = {"digits": "normguard_jax.tasks.digits:DigitsTask", "sd3": "normguard_jax.tasks.sd3:SD3Task",
+         "flux": "normguard_jax.tasks.flux:FluxTask"}
 
 
 def task_class(name):

@@ -32,7 +32,11 @@ def main(argv=None):
     return 2
   from normguard_jax.train.checkpoint import PreemptionGuard
   with PreemptionGuard() as guard:
-    report = loop.run(cfg, workdir, guard)
+    try:
+      report = loop.run(cfg, workdir, guard)
+    except config_lib.ConfigError as e:  # found while opening the model or data files, before any training
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   if report is None:  # not process 0: the report is written there
     return 0
   print(f"report: {workdir}/report.json")

@@ -116,7 +116,8 @@ class Evaluator:
       r = self.cfg.rollout
       self._rollouts[k] = rollout_lib.make_rollout(
           apply_fn=self.task.apply_fn(model_cfg), image_shape=self.task.latent_shape, num_steps=r.num_steps,
-          shift=r.shift, cfg_scale=r.cfg_scale, noise_level=0.0, lora=lora, track_rho=True)
+          shift=r.shift, cfg_scale=r.cfg_scale, noise_level=0.0, lora=lora, track_rho=True,
+          mu=getattr(self.task, "grid_mu", None))
     return self._rollouts[k]
 
   def __call__(self, policy_vars, ref_vars, model_cfg, lora):
@@ -160,7 +161,7 @@ def run_rl(cfg, task, method, use_ng, ref_params, evaluator, reward_fn, run_dir,
   noise_level = cfg.grpo.noise_level if method == "grpo" else r.noise_level
   rollout = rollout_lib.make_rollout(apply_fn=apply_fn, image_shape=task.latent_shape, num_steps=r.num_steps,
                                      shift=r.shift, cfg_scale=r.cfg_scale, noise_level=noise_level, lora=lora,
-                                     track_rho=r.track_rho)
+                                     track_rho=r.track_rho, mu=getattr(task, "grid_mu", None))
   train_step, _, batch_sh = step_lib.make_sharded_train_step(
       mesh, state, method=method, apply_fn=apply_fn, optimizer=optimizer, loss_cfg=cfg[method],
       ng_cfg=cfg.normguard, strategy=rl.fusion, num_microbatches=rl.num_microbatches)

@@ -10,14 +10,14 @@ from normguard_jax.flow import norms, samplers, schedules
 
 
 def rollout(sample_vars, ref_vars, cond, uncond, key, *, apply_fn, image_shape, num_steps, shift, cfg_scale,
-            noise_level, lora, track_rho=True):
+            noise_level, lora, track_rho=True, mu=None):
   """Returns dict: x0 (B, ...), xs (K+1, B, ...), log_probs (K, B), grid (K+1,), rho (K, B),
   norm (K, B), norm_ref (K, B). ``cond`` and ``uncond`` (the null conditioning for CFG; unused when
   ``cfg_scale`` is 1) are pytrees with B rows. With LoRA, ``ref_vars`` are called with the adapter gated off."""
   b = jax.tree_util.tree_leaves(cond)[0].shape[0]
   k_noise, k_sde = jax.random.split(key)
   x1 = jax.random.normal(k_noise, (b,) + tuple(image_shape), jnp.float32)
-  grid = schedules.sampling_grid(num_steps, shift)
+  grid = schedules.sampling_grid(num_steps, shift, mu)  # mu: FLUX's resolution-dependent shift
   ref_gate = jnp.zeros((b, 1), jnp.float32) if lora else None
 
   def guided(variables, gate, x, t):

@@ -1,0 +1,92 @@
+"""Text-to-image RL on FLUX.1 and FLUX.2-klein (configs/flux*_*.py): the same loop, train step and NormGuard as
+SD3; only the velocity model, the conditioning and the VAE differ.
+
+* Transformer: ``FluxTransformer2DModel`` or ``Flux2Transformer2DModel`` (models/flux.py, by ``_class_name``),
+  NHWC latents with in_channels / 4 channels (2x2 packing inside the model).
+* Conditioning: FLUX.1 {prompt_embeds, pooled, guidance}, FLUX.2 {prompt_embeds[, guidance]}; ``guidance`` is
+  ``model.guidance`` (the distilled-guidance scale) on every row, for models that embed it.
+* Sampling grid: the resolution-dependent time shift mu of diffusers' ``calculate_shift`` (flow/schedules.py)
+  from the number of image tokens; ``rollout.shift`` is unused.
+* VAE: FLUX.1 uses the 16-channel AutoencoderKL (models/vae.py, FLUX's scaling and shift factors). FLUX.2's
+  ``AutoencoderKLFlux2`` is used when models/vae.py provides it (``decode_flux2``); otherwise the task says so.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normguard_jax import config as config_lib
+from normguard_jax.convert import flux as flux_convert, vae as vae_convert
+from normguard_jax.flow import schedules
+from normguard_jax.models import flux, vae as vae_lib
+from normguard_jax.tasks.text_to_image import TextToImageTask
+
+
+def _runtime(m):
+  return dict(scan_layers=bool(m.scan_layers), remat=bool(m.remat), attention_impl=m.attention_impl, dtype=m.dtype)
+
+
+class FluxTask(TextToImageTask):
+  name = "flux"
+  lora_targets = tuple(sorted(set(flux.FLUX1_LORA_TARGETS) | set(flux.FLUX2_LORA_TARGETS)))
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    m = cfg.model
+    self._transformer_dir = flux_convert.resolve_component_dir(m.weights_dir, "transformer",
+                                                                flux_convert.CLASS_NAMES)
+    self.base_cfg = flux_convert.config_from_diffusers(flux_convert.read_config(self._transformer_dir), **_runtime(m))
+    self.flux2 = isinstance(self.base_cfg, flux.Flux2Config)
+    allowed = flux.FLUX2_LORA_TARGETS if self.flux2 else flux.FLUX1_LORA_TARGETS
+    bad = set(config_lib.csv(cfg.rl.lora_targets)) - set(allowed)
+    if bad:
+      raise config_lib.ConfigError(f"config.rl.lora_targets: {sorted(bad)} are not {self.base_cfg.class_name} "
+                                   f"targets; expected some of {allowed}")
+    self._vae_dir = vae_convert.resolve_component_dir(m.weights_dir, "vae", vae_convert.CLASS_NAMES)
+    vae_config = vae_convert.read_config(self._vae_dir)
+    self.vae_cfg = vae_convert.config_from_diffusers(vae_config, dtype=m.dtype)
+    if self.flux2 and not hasattr(vae_lib, "decode_flux2"):
+      raise config_lib.ConfigError("FLUX.2's AutoencoderKLFlux2 decoder is not ported in this build")
+    decode = vae_lib.decode_flux2 if self.flux2 else vae_lib.decode
+    factor = self.vae_cfg.downsample_factor
+    self._check_latents(factor, 2, self.base_cfg.latent_channels, getattr(
+        self.vae_cfg, "transformer_latent_channels", self.vae_cfg.latent_channels))
+    self._check_embeddings(self.base_cfg.joint_attention_dim, None if self.flux2 else self.base_cfg.pooled_projection_dim)
+    h, w = self.latent_shape[:2]
+    self.grid_mu = float(schedules.flux_mu((h // 2) * (w // 2)))
+    self._decode = jax.jit(lambda params, z: decode(params, z, self.vae_cfg))
+
+  def model_config(self, lora_rank=0):
+    rl = self.cfg.rl
+    return dataclasses.replace(self.base_cfg, lora_rank=lora_rank, lora_alpha=float(rl.lora_alpha),
+                               lora_targets=tuple(config_lib.csv(rl.lora_targets)))
+
+  @staticmethod
+  def apply_fn(model_cfg):
+    def apply_fn(variables, x, t, cond, gate):
+      return flux.velocity(variables, x, t, cond, cfg=model_cfg, lora_gate=gate)
+    return apply_fn
+
+  @staticmethod
+  def init_lora(model_cfg, key):
+    return flux.init_lora(model_cfg, key)
+
+  def reference(self, workdir, guard=None):
+    del workdir, guard
+    m = self.cfg.model
+    dtype = np.dtype(jnp.dtype(m.param_dtype))
+    _, params = flux_convert.load_transformer(self._transformer_dir, param_dtype=dtype, **_runtime(m))
+    _, self._vae_params = vae_convert.load_vae(self._vae_dir, param_dtype=dtype, dtype=m.dtype)
+    return params, {"weights_dir": os.path.abspath(m.weights_dir), "params": int(flux.param_count(params)),
+                    "param_dtype": m.param_dtype, "family": self.base_cfg.class_name, "mu": self.grid_mu}
+
+  def cond_from_examples(self, examples):
+    cond = {"prompt_embeds": jnp.asarray(np.stack([e["prompt_embeds"] for e in examples]))}
+    if not self.flux2:
+      cond["pooled"] = jnp.asarray(np.stack([e["pooled"] for e in examples]))
+    if self.base_cfg.guidance_embeds:
+      cond["guidance"] = jnp.full((len(examples),), float(self.cfg.model.guidance), jnp.float32)
+    return cond

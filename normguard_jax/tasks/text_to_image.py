@@ -1,0 +1,130 @@
+"""Shared text-to-image task logic (SD3 and FLUX): prompt embeddings from the offline tfds dataset, fixed eval
+prompts, CFG from a ``negative`` split, VAE decoding in chunks, sample grids. Family specifics (the converter, the
+velocity model, the conditioning dict, the VAE) live in tasks/sd3.py and tasks/flux.py.
+
+Everything comes from local files named in the config; nothing is downloaded:
+  * ``model.weights_dir``: a diffusers pipeline snapshot (``transformer/`` and ``vae/``), converted on load by the
+    strict converters; the transformer is the frozen reference.
+  * ``data.embeddings_dir``: prompt embeddings written by ``python -m normguard_jax.data.encode_prompts`` (tfds
+    array_record); the trainer never runs a text encoder. Each example carries its prompt text, which prompt-aware
+    rewards (PickScore, remote judges) receive. CFG (``rollout.cfg_scale`` != 1) needs a split named
+    ``data.negative_split`` holding one example, the negative prompt (usually ""), encoded the same way.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normguard_jax import config as config_lib
+from normguard_jax.data import text_embeddings
+
+
+class TextToImageTask:
+  quality_labels = {}  # no proxies in the trainer: held-out evaluation is normguard_jax.analysis's job
+  grid_mu = None       # resolution-dependent time shift (FLUX); None = the static rollout.shift
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    d = cfg.data
+    self.data = text_embeddings.load_text_embeddings(d.embeddings_dir, d.split)
+    self.eval_data = text_embeddings.load_text_embeddings(d.embeddings_dir, d.eval_split) if d.eval_split else self.data
+    self._negative = None
+    if cfg.rollout.cfg_scale != 1.0:
+      try:
+        neg = text_embeddings.load_text_embeddings(d.embeddings_dir, d.negative_split)
+      except KeyError as e:
+        raise config_lib.ConfigError(
+            f"config.rollout.cfg_scale: CFG needs the negative prompt's embeddings in split {d.negative_split!r} of "
+            f"{d.embeddings_dir} (encode_prompts ... --split {d.negative_split} on a file holding the negative "
+            f"prompt, e.g. the JSONL line {{\"prompt\": \"\"}})") from e
+      self._negative = neg[0]
+    self._vae_params = None
+
+  # ---------------------------------------------------------------- family hooks (see sd3.py, flux.py)
+  def cond_from_examples(self, examples):
+    raise NotImplementedError
+
+  def _decode_fn(self, params, latents):
+    raise NotImplementedError
+
+  # ---------------------------------------------------------------- the task interface (tasks/__init__.py)
+  def _stack(self, examples):
+    return self.cond_from_examples(examples), [e["prompt"] for e in examples]
+
+  def sample_prompts(self, key, n):
+    """n prompts drawn uniformly (with replacement only when the set is smaller than n), from the key alone:
+    the data position is the iteration, so a resumed run draws the same prompts."""
+    size = len(self.data)
+    idx = np.asarray(jax.random.choice(key, size, (n,), replace=n > size))
+    return self._stack(self.data.__getitems__(idx.tolist()))
+
+  def uncond(self, cond):
+    """The negative prompt's conditioning, one row per row of ``cond``."""
+    if self._negative is None:
+      raise ValueError("CFG requested but no negative split was loaded")
+    rows = jax.tree_util.tree_leaves(cond)[0].shape[0]
+    neg = self.cond_from_examples([self._negative])
+    return jax.tree_util.tree_map(lambda a: jnp.repeat(a, rows, axis=0), neg)
+
+  def decode(self, latents):
+    """Latents -> pixels in [-1, 1], in chunks of ``model.decode_batch`` rows (VAE activations are large)."""
+    if self._vae_params is None:
+      raise RuntimeError("decode() before reference(): the VAE params are loaded with the reference")
+    n, chunk = latents.shape[0], int(self.cfg.model.decode_batch) or latents.shape[0]
+    if n <= chunk:
+      return self._decode(self._vae_params, latents)
+    return jnp.concatenate([self._decode(self._vae_params, latents[i:i + chunk]) for i in range(0, n, chunk)])
+
+  def eval_set(self):
+    n = min(int(self.cfg.eval.num_prompts), len(self.eval_data))
+    return self._stack(self.eval_data.__getitems__(list(range(n))))
+
+  @staticmethod
+  def quality(images, cond):
+    del images, cond
+    return {}
+
+  @staticmethod
+  def real_quality(n):
+    del n
+    return {}
+
+  def _check_embeddings(self, embed_dim, pooled_dim=None):
+    _, d = self.data.prompt_embeds_shape
+    ok = d == embed_dim and (pooled_dim is None or self.data.pooled_shape == (pooled_dim,))
+    if not ok:
+      raise config_lib.ConfigError(
+          f"config.data.embeddings_dir: embeddings {self.data.prompt_embeds_shape} / pooled {self.data.pooled_shape} "
+          f"do not fit the transformer (text width {embed_dim}, pooled {pooled_dim}); encode the prompts with this "
+          "model's text encoders")
+
+  def _check_latents(self, factor, patch, latent_channels, vae_channels):
+    m = self.cfg.model
+    if m.resolution % (factor * patch):
+      raise config_lib.ConfigError(f"config.model.resolution: {m.resolution} is not a multiple of {factor * patch} "
+                                   "(VAE factor x patch size)")
+    if latent_channels != vae_channels:
+      raise config_lib.ConfigError(f"{m.weights_dir}: the VAE has {vae_channels} latent channels but the "
+                                   f"transformer takes {latent_channels}")
+    self.latent_shape = (m.resolution // factor, m.resolution // factor, latent_channels)
+
+  def sample_grid(self, images, cond, prompts, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    del cond
+    images = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)[: self.cfg.eval.grid_images]
+    cols = min(4, len(images))
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+      ax.axis("off")
+      if i < len(images):
+        ax.imshow(images[i])
+        if prompts is not None:
+          ax.set_title(prompts[i][:40], fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
