@@ -230,7 +230,7 @@ def resolve_component_dir(path, component, class_names: Iterable[str]):
 
 # ----------------------------------------------------------------------------------------------- key maps
 
-LAYOUTS = ("linear", "conv", "copy", "check")
+LAYOUTS = ("linear", "conv", "copy", "check", "ignore")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,13 +238,18 @@ class Entry:
   """One source tensor -> one target leaf (or one slice ``index`` of a stacked leaf).
 
   layout: ``linear`` (torch (out, in) -> (in, out)), ``conv`` (OIHW -> HWIO), ``copy``, or ``check``: the
-  source is a constant (e.g. a persistent buffer) that must equal ``expected``; it has no target leaf.
+  source is a constant (e.g. a persistent buffer) that must equal ``expected``; it has no target leaf; or
+  ``ignore``: a buffer we do not use (e.g. BatchNorm's ``num_batches_tracked``): it must be present with shape
+  ``shape``, is consumed, and its value is not read.
+  ``dtypes``, when given, are the dtypes this source may have (overriding ``source_dtype`` / the float default).
   """
   src: str
   dst: Tuple[str, ...] = ()
   layout: str = "copy"
   index: Optional[int] = None
   expected: Optional[np.ndarray] = dataclasses.field(default=None, compare=False, repr=False)
+  shape: Optional[Tuple[int, ...]] = None
+  dtypes: Optional[Tuple[str, ...]] = None
 
 
 def _to_target(layout, a):
@@ -300,7 +305,7 @@ def apply_key_map(what, entries: Sequence[Entry], checkpoint, targets, *, source
   # Target coverage: each leaf set once, or each slice of a stacked leaf set once.
   slots: Dict[Tuple[str, ...], List[Entry]] = {}
   for e in entries:
-    if e.layout == "check":
+    if e.layout in ("check", "ignore"):
       continue
     if e.dst not in want:
       problems.append(f"{e.src}: target {'/'.join(e.dst)} is not a leaf of the param tree (key map bug)")
@@ -324,6 +329,8 @@ def apply_key_map(what, entries: Sequence[Entry], checkpoint, targets, *, source
     ti = checkpoint.info(e.src)
     if e.layout == "check":
       expect_shape = tuple(np.shape(e.expected))
+    elif e.layout == "ignore":
+      expect_shape = tuple(e.shape or ())
     elif e.dst in want:
       shape = tuple(want[e.dst].shape)
       expect_shape = _source_shape(e.layout, shape[1:] if e.index is not None else shape)
@@ -331,7 +338,10 @@ def apply_key_map(what, entries: Sequence[Entry], checkpoint, targets, *, source
       continue
     if tuple(ti.shape) != expect_shape:
       problems.append(f"wrong shape for {e.src!r}: {list(ti.shape)}, expected {list(expect_shape)}")
-    if source_dtype is not None and ti.dtype != source_dtype:
+    if e.dtypes is not None:
+      if ti.dtype not in e.dtypes:
+        problems.append(f"wrong dtype for {e.src!r}: {ti.dtype}, expected one of {tuple(e.dtypes)}")
+    elif source_dtype is not None and ti.dtype != source_dtype:
       problems.append(f"wrong dtype for {e.src!r}: {ti.dtype}, expected {source_dtype}")
     elif source_dtype is None and ti.dtype not in allowed_dtypes:
       problems.append(f"wrong dtype for {e.src!r}: {ti.dtype}, expected one of {tuple(allowed_dtypes)}")
@@ -342,6 +352,8 @@ def apply_key_map(what, entries: Sequence[Entry], checkpoint, targets, *, source
   stacked: Dict[Tuple[str, ...], np.ndarray] = {}
   out: dict = {}
   for e in entries:
+    if e.layout == "ignore":
+      continue  # present, shape and dtype checked above; the value is not used
     try:
       a = checkpoint.load(e.src)
     except (OSError, ValueError) as err:
