@@ -1,7 +1,13 @@
-"""Cached SD3 text embeddings as a tfds dataset in array_record format (DESIGN.md §6), without TensorFlow.
+"""Cached text embeddings (SD3, FLUX.1, FLUX.2-klein) as a tfds dataset in array_record format (DESIGN.md §6),
+without TensorFlow.
 
-One example per prompt: ``prompt`` (text), ``prompt_embeds`` (float32 (L, D): 77 CLIP tokens + the T5 tokens,
-D the T5 width) and ``pooled`` (float32 (P,): both CLIP projections). :func:`write_text_embeddings` builds
+One example per prompt: ``prompt`` (text), ``prompt_embeds`` (float32 (L, D)) and ``pooled`` (float32 (P,)).
+SD3: L = 77 CLIP tokens + the T5 tokens, D the T5 width, P both CLIP projections. FLUX.1: L the T5 tokens,
+D the T5 width, P the CLIP-L width. FLUX.2-klein has no pooled vector: ``pooled`` is stored with shape (0,)
+(tfds writes and reads empty tensors; a batch stacks to (B, 0), which FLUX.2's ``cond`` ignores), and the
+metadata says ``pooled: "none"``; :attr:`TextEmbeddingSource.has_pooled` is False. The metadata also records
+``family`` (sd3 / flux1 / flux2; absent, i.e. ``family`` None, in datasets written without it) and
+``max_sequence_length``. :func:`write_text_embeddings` builds
 the dataset from any iterator of such examples (``data/encode_prompts.py`` feeds it from the real encoders);
 :func:`load_text_embeddings` returns a random-access source (``tfds`` ``as_data_source``) of dicts with the
 prompt decoded to ``str``, for grain or a plain index sampler. Nothing here imports torch or TensorFlow.
@@ -63,7 +69,8 @@ def _builder_cls():
 def write_text_embeddings(data_dir, examples: Iterable[Dict], *, seq_len: int, embed_dim: int, pooled_dim: int,
                           split: str = "train", metadata: Optional[dict] = None, description: str = "") -> str:
   """Writes ``examples`` (dicts with FEATURES; consumed lazily, in order) and returns the dataset dir
-  ``<data_dir>/text_embeddings/1.0.0``. Refuses to overwrite a prepared dataset."""
+  ``<data_dir>/text_embeddings/1.0.0``. ``pooled_dim=0`` (FLUX.2: no pooled vector) stores (0,) arrays.
+  Refuses to overwrite a prepared dataset."""
   data_dir = os.path.abspath(os.fspath(data_dir))
   target = os.path.join(data_dir, NAME, VERSION)
   if os.path.exists(os.path.join(target, "dataset_info.json")):
@@ -101,7 +108,8 @@ def find_dataset_dir(path) -> str:
 
 
 class TextEmbeddingSource:
-  """Random access over one split: ``src[i]`` -> dict(prompt=str, prompt_embeds=(L, D), pooled=(P,))."""
+  """Random access over one split: ``src[i]`` -> dict(prompt=str, prompt_embeds=(L, D), pooled=(P,));
+  P = 0 (``has_pooled`` False) for FLUX.2. ``family`` and ``metadata`` come from the dataset info."""
 
   def __init__(self, data_source, info):
     self._src = data_source
@@ -109,6 +117,8 @@ class TextEmbeddingSource:
     self.metadata = dict(info.metadata or {})
     self.prompt_embeds_shape = tuple(info.features["prompt_embeds"].shape)
     self.pooled_shape = tuple(info.features["pooled"].shape)
+    self.family = self.metadata.get("family")  # sd3 / flux1 / flux2; None if the writer did not record it
+    self.has_pooled = self.pooled_shape != (0,)  # FLUX.2: pooled is an empty (0,) vector
 
   def __len__(self):
     return len(self._src)
@@ -129,7 +139,8 @@ class TextEmbeddingSource:
     return [self._decode(ex) for ex in self._src.__getitems__(list(indices))]
 
   def __repr__(self):
-    return f"TextEmbeddingSource({len(self)} examples, prompt_embeds {self.prompt_embeds_shape}, pooled {self.pooled_shape})"
+    return (f"TextEmbeddingSource({self.family}, {len(self)} examples, prompt_embeds {self.prompt_embeds_shape}, "
+            f"pooled {self.pooled_shape})")
 
 
 def load_text_embeddings(path, split: str = "train") -> TextEmbeddingSource:
