@@ -11,11 +11,10 @@ transposed; blocks of a scanned run are stacked on axis 0 (``flux.block_layout``
 import dataclasses
 from typing import Optional
 
-import jax
 import numpy as np
 
 from normguard_jax.convert.safetensors_io import (ConversionError, Entry, apply_key_map, open_checkpoint,
-                                                  read_config, resolve_component_dir)
+                                                  load_component, read_config, resolve_component_dir)
 from normguard_jax.models import flux
 
 FLUX1_CLASS = "FluxTransformer2DModel"
@@ -165,10 +164,5 @@ def load_transformer(path, *, variant: Optional[str] = None, source_dtype: Optio
   mistyped key, or a truncated or corrupt file. LoRA params are not in the checkpoint: add
   ``flux.init_lora(cfg, key)`` as the ``lora`` collection.
   """
-  directory = resolve_component_dir(path, "transformer", CLASS_NAMES)
-  cfg = config_from_diffusers(read_config(directory), **overrides)
-  params = convert_checkpoint(open_checkpoint(directory, variant=variant), cfg, source_dtype=source_dtype,
-                              param_dtype=param_dtype)
-  if as_jax:
-    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
-  return cfg, params
+  return load_component(path, "transformer", CLASS_NAMES, config_from_diffusers, convert_checkpoint, variant=variant,
+                        source_dtype=source_dtype, param_dtype=param_dtype, as_jax=as_jax, **overrides)

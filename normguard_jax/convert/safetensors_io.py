@@ -228,6 +228,19 @@ def resolve_component_dir(path, component, class_names: Iterable[str]):
       f"{path}: wrong directory: no config.json in it nor in {os.path.join(path, component)}"])
 
 
+def load_component(path, component, class_names, config_fn, convert_fn, *, variant=None, source_dtype=None,
+                   param_dtype=np.float32, as_jax=True, **overrides):
+  """(cfg, params) of one diffusers component (``transformer``, ``vae``) from a pipeline dir or the component dir:
+  ``config_fn(config.json dict, **overrides)`` then ``convert_fn(checkpoint, cfg, ...)``, both strict."""
+  directory = resolve_component_dir(path, component, class_names)
+  cfg = config_fn(read_config(directory), **overrides)
+  params = convert_fn(open_checkpoint(directory, variant=variant), cfg, source_dtype=source_dtype,
+                      param_dtype=param_dtype)
+  if as_jax:
+    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+  return cfg, params
+
+
 # ----------------------------------------------------------------------------------------------- key maps
 
 LAYOUTS = ("linear", "conv", "copy", "check", "ignore")

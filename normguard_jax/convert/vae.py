@@ -12,11 +12,10 @@ is converted too (drop ``params['encoder']`` afterwards for a decoder-only footp
 import dataclasses
 from typing import Optional
 
-import jax
 import numpy as np
 
 from normguard_jax.convert.safetensors_io import (ConversionError, Entry, apply_key_map, open_checkpoint,
-                                                  read_config, resolve_component_dir)
+                                                  load_component, read_config, resolve_component_dir)
 from normguard_jax.models import vae as vae_lib
 
 CLASS_NAMES = ("AutoencoderKL", "AutoencoderKLFlux2")
@@ -144,10 +143,5 @@ def convert_checkpoint(checkpoint, cfg: vae_lib.VAEConfig, *, source_dtype: Opti
 def load_vae(path, *, variant: Optional[str] = None, source_dtype: Optional[str] = None, param_dtype=np.float32,
              as_jax=True, **overrides):
   """(cfg, params) from a diffusers pipeline dir or its ``vae`` dir; strict like ``sd3.load_transformer``."""
-  directory = resolve_component_dir(path, "vae", CLASS_NAMES)
-  cfg = config_from_diffusers(read_config(directory), **overrides)
-  params = convert_checkpoint(open_checkpoint(directory, variant=variant), cfg, source_dtype=source_dtype,
-                              param_dtype=param_dtype)
-  if as_jax:
-    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
-  return cfg, params
+  return load_component(path, "vae", CLASS_NAMES, config_from_diffusers, convert_checkpoint, variant=variant,
+                        source_dtype=source_dtype, param_dtype=param_dtype, as_jax=as_jax, **overrides)

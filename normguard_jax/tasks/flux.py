@@ -11,7 +11,6 @@ SD3; only the velocity model, the conditioning and the VAE differ.
   ``AutoencoderKLFlux2`` is used when models/vae.py provides it (``decode_flux2``); otherwise the task says so.
 """
 
-import dataclasses
 import os
 
 import jax
@@ -31,6 +30,7 @@ def _runtime(m):
 
 class FluxTask(TextToImageTask):
   name = "flux"
+  model_module = flux
   lora_targets = tuple(sorted(set(flux.FLUX1_LORA_TARGETS) | set(flux.FLUX2_LORA_TARGETS)))
 
   def __init__(self, cfg):
@@ -58,21 +58,6 @@ class FluxTask(TextToImageTask):
     h, w = self.latent_shape[:2]
     self.grid_mu = float(schedules.flux_mu((h // 2) * (w // 2)))
     self._decode = jax.jit(lambda params, z: decode(params, z, self.vae_cfg))
-
-  def model_config(self, lora_rank=0):
-    rl = self.cfg.rl
-    return dataclasses.replace(self.base_cfg, lora_rank=lora_rank, lora_alpha=float(rl.lora_alpha),
-                               lora_targets=tuple(config_lib.csv(rl.lora_targets)))
-
-  @staticmethod
-  def apply_fn(model_cfg):
-    def apply_fn(variables, x, t, cond, gate):
-      return flux.velocity(variables, x, t, cond, cfg=model_cfg, lora_gate=gate)
-    return apply_fn
-
-  @staticmethod
-  def init_lora(model_cfg, key):
-    return flux.init_lora(model_cfg, key)
 
   def reference(self, workdir, guard=None):
     del workdir, guard

@@ -4,14 +4,12 @@ Conditioning is the dict {prompt_embeds (B, L, D), pooled (B, P)} of models/mmdi
 chunks, grids) is tasks/text_to_image.py. The recipes of paper.md §5-7 sample CFG-free (cfg_scale 1).
 """
 
-import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normguard_jax import config as config_lib
 from normguard_jax.convert import sd3 as sd3_convert, vae as vae_convert
 from normguard_jax.models import mmdit, vae as vae_lib
 from normguard_jax.tasks.text_to_image import TextToImageTask
@@ -25,6 +23,7 @@ def _runtime(m):
 class SD3Task(TextToImageTask):
   name = "sd3"
   lora_targets = mmdit.LORA_TARGETS
+  model_module = mmdit
 
   def __init__(self, cfg):
     super().__init__(cfg)
@@ -39,21 +38,6 @@ class SD3Task(TextToImageTask):
                         self.vae_cfg.latent_channels)
     self._check_embeddings(self.base_cfg.joint_attention_dim, self.base_cfg.pooled_projection_dim)
     self._decode = jax.jit(lambda params, z: vae_lib.decode(params, z, self.vae_cfg))
-
-  def model_config(self, lora_rank=0):
-    rl = self.cfg.rl
-    return dataclasses.replace(self.base_cfg, lora_rank=lora_rank, lora_alpha=float(rl.lora_alpha),
-                               lora_targets=tuple(config_lib.csv(rl.lora_targets)))
-
-  @staticmethod
-  def apply_fn(model_cfg):
-    def apply_fn(variables, x, t, cond, gate):
-      return mmdit.velocity(variables, x, t, cond, cfg=model_cfg, lora_gate=gate)
-    return apply_fn
-
-  @staticmethod
-  def init_lora(model_cfg, key):
-    return mmdit.init_lora(model_cfg, key)
 
   def reference(self, workdir, guard=None):
     """The pretrained transformer (and the VAE for decoding), converted strictly from the diffusers files."""

@@ -11,6 +11,7 @@ Everything comes from local files named in the config; nothing is downloaded:
     ``data.negative_split`` holding one example, the negative prompt (usually ""), encoded the same way.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -43,6 +44,9 @@ class TextToImageTask:
     self._vae_params = None
 
   # ---------------------------------------------------------------- family hooks (see sd3.py, flux.py)
+  model_module = None  # models/mmdit.py or models/flux.py: velocity(...), init_lora(cfg, key)
+  base_cfg = None      # the transformer's config from its config.json (plus runtime fields)
+
   def cond_from_examples(self, examples):
     raise NotImplementedError
 
@@ -50,6 +54,21 @@ class TextToImageTask:
     raise NotImplementedError
 
   # ---------------------------------------------------------------- the task interface (tasks/__init__.py)
+  def model_config(self, lora_rank=0):
+    rl = self.cfg.rl
+    return dataclasses.replace(self.base_cfg, lora_rank=lora_rank, lora_alpha=float(rl.lora_alpha),
+                               lora_targets=tuple(config_lib.csv(rl.lora_targets)))
+
+  def apply_fn(self, model_cfg):
+    velocity = self.model_module.velocity
+
+    def apply_fn(variables, x, t, cond, gate):
+      return velocity(variables, x, t, cond, cfg=model_cfg, lora_gate=gate)
+    return apply_fn
+
+  def init_lora(self, model_cfg, key):
+    return self.model_module.init_lora(model_cfg, key)
+
   def _stack(self, examples):
     return self.cond_from_examples(examples), [e["prompt"] for e in examples]
 
