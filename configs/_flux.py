@@ -1,8 +1,8 @@
 """Shared FLUX recipes (NFT, AWM and DPO with NormGuard): configs/flux1_dev_*.py and configs/flux2_klein_*.py.
 
 LoRA r64/a128 on the attention projections (paper.md §5.3 and §6.3, Flow-Factory's FLUX.2-klein-base-4B examples).
-FLUX.2-klein-base samples with CFG 4.0 (a ``negative`` split of the embedding set is then required: encode the
-negative prompt, e.g. the JSONL line {"prompt": ""}, with ``--split negative``); note that Flow-Factory also applies
+FLUX.2-klein-base samples with CFG 4.0 (the negative prompt's embeddings are then required: encode the JSONL line
+{"prompt": ""} with ``--split negative`` into a directory passed as ``--config.data.negative_dir``); note that Flow-Factory also applies
 CFG in the training forward for these models, while ours trains on the conditional velocity only. FLUX.1-dev is
 guidance-distilled: it samples CFG-free with the embedded guidance scale ``model.guidance`` (3.5). Local paths are
 required overrides, as in configs/_sd35_medium.py:
@@ -26,7 +26,8 @@ def base_config(family, method, arg=None):
   c.model = dict(weights_dir="", resolution=512 if family == "flux1" else 384, dtype="bfloat16",
                  param_dtype="bfloat16", scan_layers=True, remat=True, remat_policy="full", attention_impl="xla",
                  decode_batch=16, guidance=3.5)
-  c.data = dict(embeddings_dir="", split="train", eval_split="", negative_split="negative")
+  c.data = dict(embeddings_dir="", split="train", eval_split="", negative_dir="",
+                negative_split="negative")
   c.rollout = dict(num_steps=10 if family == "flux1" else 8, shift=1.0, cfg_scale=1.0 if family == "flux1" else 4.0,
                    noise_level=0.0, prompts_per_iter=48, group_size=16, track_rho=True, chunk=32)
   c.reward = dict(terms={"pickscore": 1.0}, options={"pickscore": {"model_dir": "", "processor_dir": ""}})

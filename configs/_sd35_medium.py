@@ -20,7 +20,8 @@ def base_config(method, arg=None):
   c.model = dict(weights_dir="", resolution=512, dtype="bfloat16", param_dtype="bfloat16", scan_layers=True,
                  remat=True, remat_policy="full", attention_impl="xla", decode_batch=16)
   # negative_split: the negative prompt's embeddings, needed only for CFG (rollout.cfg_scale > 1)
-  c.data = dict(embeddings_dir="", split="train", eval_split="", negative_split="negative")
+  c.data = dict(embeddings_dir="", split="train", eval_split="", negative_dir="",
+                negative_split="negative")
   # rollout.chunk: rows per rollout call (and per VAE decode / reward call); 0 = the whole iteration at once
   c.rollout = dict(num_steps=10, shift=3.0, cfg_scale=1.0, noise_level=0.0, prompts_per_iter=48, group_size=16,
                    track_rho=True, chunk=64)

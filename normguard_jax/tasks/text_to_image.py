@@ -7,8 +7,9 @@ Everything comes from local files named in the config; nothing is downloaded:
     strict converters; the transformer is the frozen reference.
   * ``data.embeddings_dir``: prompt embeddings written by ``python -m normguard_jax.data.encode_prompts`` (tfds
     array_record); the trainer never runs a text encoder. Each example carries its prompt text, which prompt-aware
-    rewards (PickScore, remote judges) receive. CFG (``rollout.cfg_scale`` != 1) needs a split named
-    ``data.negative_split`` holding one example, the negative prompt (usually ""), encoded the same way.
+    rewards (PickScore, remote judges) receive. CFG (``rollout.cfg_scale`` != 1) needs the negative prompt (usually
+    "") encoded the same way, as split ``data.negative_split`` of ``data.negative_dir`` (a separate encode_prompts
+    output; default: the embeddings dir itself).
 """
 
 import dataclasses
@@ -33,13 +34,15 @@ class TextToImageTask:
     self.eval_data = text_embeddings.load_text_embeddings(d.embeddings_dir, d.eval_split) if d.eval_split else self.data
     self._negative = None
     if cfg.rollout.cfg_scale != 1.0:
+      neg_dir = d.get("negative_dir", "") or d.embeddings_dir
       try:
-        neg = text_embeddings.load_text_embeddings(d.embeddings_dir, d.negative_split)
-      except KeyError as e:
+        neg = text_embeddings.load_text_embeddings(neg_dir, d.negative_split)
+      except (KeyError, FileNotFoundError, ValueError) as e:
         raise config_lib.ConfigError(
-            f"config.rollout.cfg_scale: CFG needs the negative prompt's embeddings in split {d.negative_split!r} of "
-            f"{d.embeddings_dir} (encode_prompts ... --split {d.negative_split} on a file holding the negative "
-            f"prompt, e.g. the JSONL line {{\"prompt\": \"\"}})") from e
+            f"config.rollout.cfg_scale: CFG needs the negative prompt's embeddings as split {d.negative_split!r} in "
+            f"{neg_dir} ({e}); write them with `encode_prompts PIPELINE negative.jsonl NEG_DIR --split "
+            f"{d.negative_split}` (negative.jsonl: the line {{\"prompt\": \"\"}}) and pass "
+            "--config.data.negative_dir=NEG_DIR") from e
       self._negative = neg[0]
     self._vae_params = None
 
