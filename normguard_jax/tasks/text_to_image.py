@@ -51,10 +51,8 @@ class TextToImageTask:
   base_cfg = None      # the transformer's config from its config.json (plus runtime fields)
 
   def cond_from_examples(self, examples):
-    raise NotImplementedError
-
-  def _decode_fn(self, params, latents):
-    raise NotImplementedError
+    """Dataset examples -> the family's conditioning dict (defined by tasks/sd3.py and tasks/flux.py)."""
+    raise TypeError(f"{type(self).__name__} must define cond_from_examples")
 
   # ---------------------------------------------------------------- the task interface (tasks/__init__.py)
   def model_config(self, lora_rank=0):
