@@ -257,7 +257,7 @@ def test_flux_family_detection(flux1_dir, flux2_dir, pipeline_dir, tmp_path):
   assert encode_prompts.detect_family(flux1_dir) == "flux1"
   assert encode_prompts.detect_family(flux2_dir) == "flux2"
   (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}), encoding="utf-8")
-  with pytest.raises(NotImplementedError, match="FLUX.2-dev"):
+  with pytest.raises(ValueError, match="FLUX.2-dev"):
     encode_prompts.detect_family(tmp_path)
   assert encode_prompts.detect_family(pipeline_dir) == "sd3"  # no model_index.json: from the encoders' configs
   with pytest.raises(FileNotFoundError, match="--family"):

@@ -189,7 +189,7 @@ def detect_family(path) -> str:
   if name.startswith("Flux2Klein"):
     return "flux2"
   if name.startswith("Flux2"):
-    raise NotImplementedError(f"{path}: {name} (FLUX.2-dev, Mistral3 text encoder) is not supported; "
+    raise ValueError(f"{path}: {name} (FLUX.2-dev, Mistral3 text encoder) is not supported; "
                               f"FLUX.2-klein (Flux2KleinPipeline) is")
   if name.startswith("Flux"):
     return "flux1"
@@ -275,7 +275,7 @@ class Flux2TextEncoder:
     sub = lambda name: _subdir(path, name, "FLUX.2-klein")  # noqa: E731
     model_type = _model_type(sub("text_encoder"), "")
     if model_type != "qwen3":
-      raise NotImplementedError(f"{path}: text_encoder model_type {model_type!r}; only FLUX.2-klein's qwen3 "
+      raise ValueError(f"{path}: text_encoder model_type {model_type!r}; only FLUX.2-klein's qwen3 "
                                 f"(Qwen3ForCausalLM) is supported")
     self.tokenizer = transformers.Qwen2TokenizerFast.from_pretrained(sub("tokenizer"), **load)
     lm = transformers.Qwen3ForCausalLM.from_pretrained(sub("text_encoder"), dtype=self.dtype, **load)

@@ -126,7 +126,7 @@ class Evaluator:
     total, parts = self.reward_fn(RewardBatch(images, self.cond, self.prompts))
     images = distributed.host_array(images)
     out = {"reward": float(jnp.mean(total)), **{f"reward_{k}": float(jnp.mean(v)) for k, v in parts.items()},
-           **self.task.quality(images, distributed.host_array(self.cond))}
+           **self.task.quality(images, jax.tree_util.tree_map(distributed.host_array, self.cond))}
     rho = distributed.host_array(ro["rho"])
     out["rho_per_step"] = rho.mean(axis=1).tolist()
     out["mean_rho"] = float(rho.mean())
