@@ -17,6 +17,7 @@ import pytest
 from normguard_jax import config as config_lib
 from normguard_jax.analysis import __main__ as cli
 from normguard_jax.analysis import adjoint, compare, sampling
+from normguard_jax.analysis import quality as quality_lib
 from normguard_jax.analysis import workdir as workdir_lib
 from normguard_jax.models import dit
 from normguard_jax.rewards.api import make_reward
@@ -77,7 +78,8 @@ def _taken_vs_ref_norms(ref, xs, grid, cond, cfg_scale):
   k, b = xs.shape[0] - 1, xs.shape[1]
   x = xs[:-1].reshape((k * b,) + xs.shape[2:])
   t = jnp.repeat(grid[:-1], b)
-  v_ref = sampling.guided(_apply, ref, x, t, jnp.tile(cond, k), cfg_scale, 10).reshape(xs[:-1].shape)
+  v_ref = sampling.guided(_apply, ref, x, t, jnp.tile(cond, k), cfg_scale, jnp.full((k * b,), 10, jnp.int32)
+                          ).reshape(xs[:-1].shape)
   step = (xs[1:] - xs[:-1]) / (grid[1:] - grid[:-1]).reshape((-1,) + (1,) * (xs.ndim - 1))
   n = lambda a: jnp.sqrt(jnp.sum(jnp.square(a), axis=(2, 3, 4)))
   return n(step), n(v_ref)
@@ -90,7 +92,7 @@ def test_rescaled_sampler_steps_with_the_reference_norm(cfg_scale):
   x1 = jax.random.normal(jax.random.PRNGKey(3), (3, 8, 8, 1))
   cond = jnp.array([1, 2, 3], jnp.int32)
   grid = sampling.grid_for(4, 3.0)
-  kw = dict(policy_apply=_apply, ref_apply=_apply, cfg_scale=cfg_scale, null_cond=10)
+  kw = dict(policy_apply=_apply, ref_apply=_apply, cfg_scale=cfg_scale, uncond=jnp.full_like(cond, 10))
   ro = sampling.paired_sample_jit(pol, ref, x1, cond, grid, drive="rescaled", **kw)
   np.testing.assert_allclose(ro["norm_drive"], ro["norm_ref"], rtol=1e-5)
   assert np.max(np.abs(np.asarray(ro["rho"]) - 1)) > 0.05  # the raw policy is off the reference norm
@@ -177,7 +179,7 @@ def _smoke_job(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def smoke_workdir(_smoke_job):
   proc, work, log = _smoke_job
-  cli._quality(0)  # fit the quality proxies' classifier (seconds) while the job runs; the CLI reuses it
+  quality_lib.digit_quality(0)  # fit the quality proxies' classifier (seconds) while the job runs; the CLI reuses it
   rc = proc.wait(timeout=600)
   assert rc == 0, log.read_text()[-3000:]
   report = json.loads((work / "report.json").read_text())

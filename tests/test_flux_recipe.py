@@ -72,3 +72,10 @@ def test_flux1_recipe_runs_end_to_end(assets, tmp_path):
   train = [l for l in lines if "train/loss" in l]
   assert len(train) == 2 and all(np.isfinite(l["train/loss"]) and l["train/skipped"] == 0 for l in train)
   assert all(l["train/ng_lambda"] == 1.0 for l in train)
+  from normguard_jax.analysis import __main__ as cli  # the analysis on a FLUX workdir: mu grid, VAE, 2x2 packing
+  assert cli.main(["rescale", "--workdir", str(tmp_path / "w"), "--per-prompt", "1", "--steps", "2"]) == 0
+  rs = json.loads((tmp_path / "w" / "analysis" / "rescale" / "rescale.json").read_text())
+  assert rs["settings"]["task"] == "flux" and rs["settings"]["mu"] == report["pretrain"]["mu"]
+  np.testing.assert_allclose(rs["reference"]["rho_per_step"], 1.0, rtol=1e-5)
+  assert rs["runs"]["nft_ng"]["rescaled"]["max_abs_drive_rho_minus_1"] < 1e-4
+  assert np.isfinite(rs["runs"]["nft_ng"]["policy"]["reward"]) and "saturation" in rs["reference"]

@@ -30,6 +30,10 @@ def assets(tmp_path_factory):
   examples = [{"prompt": f"prompt {i}", "prompt_embeds": rng.randn(7, d).astype(np.float32),
                "pooled": rng.randn(p).astype(np.float32)} for i in range(6)]
   text_embeddings.write_text_embeddings(root / "emb", examples, seq_len=7, embed_dim=d, pooled_dim=p)
+  negative = [{"prompt": "", "prompt_embeds": rng.randn(7, d).astype(np.float32), "pooled": rng.randn(p).astype(
+      np.float32)}]
+  text_embeddings.write_text_embeddings(root / "neg", negative, seq_len=7, embed_dim=d, pooled_dim=p,
+                                        split="negative")
   return root
 
 
@@ -37,6 +41,7 @@ def _cfg(assets, method, *extra):
   cfg = config_lib.load(f"configs/sd35_medium_{method}.py")
   return config_lib.apply_overrides(cfg, [
       f"model.weights_dir={assets / 'snap'}", f"data.embeddings_dir={assets / 'emb'}", "model.resolution=16",
+      f"data.negative_dir={assets / 'neg'}",
       "model.dtype=float32", "model.param_dtype=float32", "reward.terms={'contrast': 1.0}", "reward.options={}",
       *extra])
 
@@ -71,3 +76,33 @@ def test_sd35_recipe_runs_end_to_end(assets, tmp_path):
   assert all("train/ng_active_frac" in l for l in train)
   assert (tmp_path / "w" / "samples_nft_ng.png").exists() and (tmp_path / "w" / "samples_reference.png").exists()
   assert (tmp_path / "w" / "runs" / "nft_ng" / "checkpoints").is_dir()
+  _analysis_commands_run_on_the_workdir(tmp_path / "w", assets)
+
+
+def _analysis_commands_run_on_the_workdir(work, assets):
+  """The analysis commands on this SD3 workdir: VAE-decoded samples, prompts, CFG from the negative prompt, the
+  pixel-statistics proxies, and the adjoint through the MMDiT, the VAE decoder and the reward against central
+  finite differences (fp32)."""
+  from normguard_jax.analysis import __main__ as cli
+  ok = lambda *a: cli.main([a[0], "--workdir", str(work), "--per-prompt", "1", *a[1:]]) == 0
+  assert ok("evaluate", "--steps", "2", "--cfg-scale", "2")
+  ev = json.loads((work / "analysis" / "evaluate" / "evaluate.json").read_text())
+  assert ev["settings"]["task"] == "sd3" and ev["settings"]["samples"] == 2 and ev["settings"]["cfg_skipped"] is None
+  for name in ("reference", "nft_ng"):
+    cells = {(e["num_steps"], e["cfg_scale"]): e for e in ev["models"][name]["settings"]}
+    assert set(cells) == {(2, 1.0), (2, 2.0)}
+    assert cells[(2, 1.0)]["reward"] != cells[(2, 2.0)]["reward"]  # CFG changed the samples
+    assert all(np.isfinite(e["reward"]) and 0 <= e["saturation"] <= 1 and len(e["own_rho_per_step"]) == 2
+               for e in cells.values())
+  np.testing.assert_allclose(ev["models"]["reference"]["settings"][0]["own_rho_per_step"], 1.0, rtol=1e-5)
+  assert ev["models"]["nft_ng"]["hinge"]["ng_active_frac"]["n"] == 2
+  assert ok("rescale", "--steps", "2", "--cfg-scale", "2")  # evaluate's compiled sampler serves it
+  rs = json.loads((work / "analysis" / "rescale" / "rescale.json").read_text())
+  assert rs["runs"]["nft_ng"]["rescaled"]["max_abs_drive_rho_minus_1"] < 1e-4
+  assert ok("adjoint", "--steps", "2", "--fd-steps", "2", "--fd-h", "0.01", "--no-reference")
+  adj = json.loads((work / "analysis" / "adjoint" / "adjoint.json").read_text())
+  e = adj["models"]["nft_ng"]
+  assert adj["settings"]["decoder"] == "VAE" and np.asarray(e["g"]).shape == (2, 2)
+  assert e["fd_check"]["rel_error"] < 1e-3, e["fd_check"]
+  for name in ("evaluate/evaluate.png", "rescale/rescale.png", "adjoint/adjoint.png"):
+    assert (work / "analysis" / name).stat().st_size > 0

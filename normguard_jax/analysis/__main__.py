@@ -7,10 +7,13 @@ Commands (each writes JSON + PNG into OUTDIR, default WORKDIR/analysis/<command>
   rescale   inference-time rescaling baseline: plain policy vs policy rescaled to ||v_ref|| vs NormGuard policy
   adjoint   dR/d eps_k of per-step velocity scaling by a VJP through the rollout; batch coherence tests; FD check
   compare   a PyTorch run's scalar logs (TensorBoard / CSV / JSONL, Flow-Factory names mapped) next to ours
+
+Every task's workdir works (digits, sd3, flux: config.json names the task). Text-to-image workdirs read the local
+files their config names (the VAE in model.weights_dir, the eval prompts in data.embeddings_dir, the negative prompt
+for CFG); --set key=value repoints them. The analysis runs on one device.
 """
 
 import argparse
-import functools
 import logging
 import os
 import sys
@@ -19,13 +22,6 @@ import time
 
 def _csv(text, cast=str):
   return [cast(x) for x in str(text).split(",") if x.strip()] if text else None
-
-
-@functools.lru_cache(maxsize=2)
-def _quality(seed):
-  """The digits quality proxies (a classifier fit, seconds): built once per process."""
-  from normguard_jax.analysis import quality as quality_lib
-  return quality_lib.DigitQuality(seed=seed)
 
 
 def _scalar_log_error():
@@ -42,10 +38,13 @@ def _parser():
     sp.add_argument("--workdir", required=True, help="a main-job workdir (holds config.json and runs/)")
     sp.add_argument("--out", default=None, help="output folder (default WORKDIR/analysis/<command>)")
     sp.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the workdir's config.json, e.g. model.weights_dir=DIR (repeatable)")
 
   def model_args(sp, per_class):
     common_args(sp)
-    sp.add_argument("--per-class", type=int, default=per_class, help="held-out samples per class")
+    sp.add_argument("--per-class", "--per-prompt", dest="per_class", type=int, default=per_class,
+                    help="held-out samples per condition: per class (digits) or per eval prompt (text tasks)")
     sp.add_argument("--allow-unfinished", action="store_true",
                     help="analyse the newest checkpoint of runs that have not finished")
 
@@ -92,7 +91,7 @@ def main(argv=None):
   try:
     if args.command == "compare":
       from normguard_jax.analysis import compare
-      workdir_lib.load_config(workdir)  # a clear error for a wrong workdir
+      workdir_lib.load_config(workdir, args.set)  # a clear error for a wrong workdir
       user_map = {}
       for item in args.map:
         k, sep, v = item.partition("=")
@@ -103,27 +102,26 @@ def main(argv=None):
       print(f"compare: {len(result['metrics'])} mapped metric(s); unmapped: "
             f"{ {p: len(s['unmapped']) for p, s in result['sources'].items()} }")
     else:
-      wd = workdir_lib.load_workdir(workdir, runs=runs, require_done=not args.allow_unfinished)
-      quality = _quality(int(wd.cfg.seed))
+      from normguard_jax.analysis import quality as quality_lib
+      wd = workdir_lib.load_workdir(workdir, runs=runs, require_done=not args.allow_unfinished, overrides=args.set)
+      quality = quality_lib.for_task(wd.task, int(wd.cfg.seed))
       if args.command == "evaluate":
         from normguard_jax.analysis import evaluate
         w = args.cfg_scale or (float(wd.cfg.rollout.cfg_scale) if float(wd.cfg.rollout.cfg_scale) > 1 else 3.0)
         result = evaluate.run(wd, out, per_class=args.per_class, steps=_csv(args.steps, int),
                               cfg_scales=sorted({1.0, w}), quality=quality,
-                              reference_trajectory=not args.no_reference_trajectory)
+                              reference_trajectory=not args.no_reference_trajectory,
+                              require_cfg=args.cfg_scale is not None)
         head = result["table"].get(result["settings"]["headline"], {})
         for name, row in head.items():
-          ref_traj = row["reftraj_mean_rho"]
-          print(f"{name:>12}: reward {row['reward']:.3f} class_conf {row['class_conf']:.3f} frechet "
-                f"{row['frechet']:.2f} own rho {row['own_mean_rho']:.3f} ref-traj rho "
-                + (f"{ref_traj:.3f}" if ref_traj is not None else "-"))
+          print(f"{name:>12}: " + " ".join(f"{k} {v:.4g}" if v is not None else f"{k} -" for k, v in row.items()))
       elif args.command == "rescale":
         from normguard_jax.analysis import rescale
         result = rescale.run(wd, out, per_class=args.per_class, num_steps=args.steps, cfg_scale=args.cfg_scale,
                              quality=quality)
         for m, row in result["methods"].items():
           print(m, {k: {v: round(x, 4) for v, x in d.items()} for k, d in row["summary"].items()
-                    if k in ("reward", "class_conf", "mean_rho")})
+                    if k in ("reward", "class_conf", "out_of_range", "mean_rho")})
       else:
         from normguard_jax.analysis import adjoint
         result = adjoint.run(wd, out, per_class=args.per_class, num_steps=args.steps, cfg_scale=args.cfg_scale,

@@ -12,7 +12,8 @@ and per sample the sensitivity at ε = 0
 computed by one ``jax.vjp`` of the rollout (a lax.scan) with respect to ε of shape (K, B). Samples do not interact
 in the model or the per-sample reward, so the cotangent of ones gives every sample's own dR_b/dε_{k,b} in one
 backward pass (a batch-coupled reward would break this; the finite-difference check would then disagree).
-``decode`` is the identity for the digits model; pass a VAE decoder for latent models.
+``decode`` is the identity for the digits model and the task's VAE decoder for latent models (SD3, FLUX): the
+adjoint then runs through the decoder too; its params are jit arguments, not constants.
 
 Batch-level coherence per step (the paper's claim is that there is no coherent first-order signal):
 mean, std, sign agreement (fraction of the batch whose sign equals the batch mean's), a one-sample t-test of
@@ -134,54 +135,60 @@ def coherence_stats(g, alpha=0.05):
           "coherent_steps": n_coh, "num_steps": len(per), "batch": int(g.shape[1])}
 
 
-def _compiled(mcfg, reward_fn, decode, null):
-  """Jitted (sensitivities, reward_of_eps) for one model config, taking the variables as arguments."""
-  apply = workdir_lib.velocity_apply(mcfg)
+def _compiled(apply, reward_fn, decode_fn, prompts):
+  """Jitted (sensitivities, reward_of_eps) for one velocity function, taking the variables, the decoder params and
+  the CFG input as arguments. ``prompts`` (static) reach prompt-aware rewards."""
+  def vel(variables, cond, uncond, scale):
+    return lambda x, t: sampling.guided(apply, variables, x, t, cond, scale, uncond)
 
-  def vel(variables, cond, scale):
-    return lambda x, t: sampling.guided(apply, variables, x, t, cond, scale, null)
+  def reward_with_prompts(batch):
+    return reward_fn(RewardBatch(batch.images, batch.cond, prompts))
 
-  sens = jax.jit(lambda variables, x1, cond, grid, scale: sensitivities(
-      x1, cond, grid, vel(variables, cond, scale), reward_fn, decode))
-  rew = jax.jit(lambda variables, eps, x1, cond, grid, scale: reward_of_eps(
-      eps, x1, cond, grid, vel(variables, cond, scale), reward_fn, decode))
+  sens = jax.jit(lambda variables, dec, x1, cond, uncond, grid, scale: sensitivities(
+      x1, cond, grid, vel(variables, cond, uncond, scale), reward_with_prompts, lambda z: decode_fn(dec, z)))
+  rew = jax.jit(lambda variables, dec, eps, x1, cond, uncond, grid, scale: reward_of_eps(
+      eps, x1, cond, grid, vel(variables, cond, uncond, scale), reward_with_prompts, lambda z: decode_fn(dec, z)))
   return sens, rew
 
 
 def run(wd: workdir_lib.Workdir, out_dir, *, per_class=4, num_steps=None, cfg_scale=1.0, fd_steps=2,
-        fd_h=(1e-1, 3e-2, 1e-2), alpha=0.05, include_reference=True, decode=identity_decode):
-  """Command body: sensitivities for the reference and every run on a held-out batch (key seed + 999), coherence
-  statistics, a central finite-difference check on ``fd_steps`` steps at each h in ``fd_h``; writes adjoint.json
-  and adjoint.png."""
-  cfg = wd.cfg
+        fd_h=(1e-1, 3e-2, 1e-2), alpha=0.05, include_reference=True):
+  """Command body: sensitivities for the reference and every run on a held-out batch (key seed + 999), through the
+  task's decoder and the job's reward; coherence statistics, a central finite-difference check on ``fd_steps``
+  steps at each h in ``fd_h``; writes adjoint.json and adjoint.png. The reward must be differentiable (a JAX
+  reward; a remote reward is not)."""
+  cfg, task = wd.cfg, wd.task
   num_steps = int(num_steps or cfg.rollout.num_steps)
-  grid = sampling.grid_for(num_steps, float(cfg.rollout.shift))
-  x1, cond = sampling.eval_inputs(cfg, per_class, seed_offset=999)
-  batch = int(cond.shape[0])
+  grid = sampling.grid_for_task(task, cfg, num_steps)
+  x1, cond, prompts = sampling.eval_inputs(task, cfg, per_class, seed_offset=999)
+  uncond = task.uncond(cond) if cfg_scale != 1.0 else None
+  batch = int(x1.shape[0])
   reward_fn = common.reward_fn_for(cfg)
-  null = int(cfg.model.num_classes)
+  decode_fn, dec_params = task.decoder()
   scale = jnp.float32(cfg_scale)
+  prompts = tuple(prompts) if prompts is not None else None
   fd_h = [float(h) for h in np.atleast_1d(fd_h)]
   models = ([("reference", wd.ref_model_cfg, wd.ref_variables)] if include_reference else []) + [
       (r.name, r.model_cfg, r.variables) for r in wd.runs.values()]
   result = {"settings": {"num_steps": num_steps, "cfg_scale": float(cfg_scale), "batch": batch, "fd_h": fd_h,
+                         "task": task.name, "decoder": "identity" if dec_params is None else "VAE",
                          "fd_steps": fd_steps, "alpha": alpha, "eval_key": "seed + 999 (held out)",
                          "definition": "g_k = dR/d eps_k at eps = 0 for x_{k+1} = x_k + dt_k (1 + eps_k) v_k"},
             "models": {}}
   fns = {}
   for name, mcfg, variables in tqdm(models, desc="adjoint", unit="model"):
     if mcfg not in fns:
-      fns[mcfg] = _compiled(mcfg, reward_fn, decode, null)
+      fns[mcfg] = _compiled(wd.velocity_apply(mcfg), reward_fn, decode_fn, prompts)
     sens, rew = fns[mcfg]
     with jax.default_matmul_precision("highest"):
-      r, g = sens(variables, x1, cond, grid, scale)
+      r, g = sens(variables, dec_params, x1, cond, uncond, grid, scale)
       entry = {"reward": float(jnp.mean(r)), **coherence_stats(g, alpha)}
       if fd_steps:
         ks = np.unique(np.linspace(0, num_steps - 1, min(fd_steps, num_steps)).round().astype(int)).tolist()
         errs = {}
         for h in fd_h:
-          fd = finite_differences(lambda e: rew(variables, e, x1, cond, grid, scale), num_steps, batch, h=h,
-                                  steps=ks)
+          fd = finite_differences(lambda e: rew(variables, dec_params, e, x1, cond, uncond, grid, scale), num_steps,
+                                  batch, h=h, steps=ks)
           errs[f"{h:g}"] = relative_error(np.asarray(g)[ks], fd)
         entry["fd_check"] = {"steps": ks, "rel_error_by_h": errs, "rel_error": min(errs.values()),
                              "g_rms": float(np.sqrt(np.mean(np.square(np.asarray(g)[ks]))))}

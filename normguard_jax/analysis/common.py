@@ -9,20 +9,21 @@ import numpy as np
 
 
 def reward_fn_for(cfg):
-  """The job's reward: ``make_reward(terms, options)`` (options when the config has ``reward.options``)."""
+  """The job's reward, built as the trainer builds it: ``make_reward(terms, reward.options)``."""
+  from normguard_jax import config as config_lib
   from normguard_jax.rewards.api import make_reward
-  options = cfg.reward.get("options") if hasattr(cfg.reward, "get") else None
-  return make_reward(dict(cfg.reward.terms), dict(options) if options else None)
+  return make_reward(dict(cfg.reward.terms), config_lib.reward_options(cfg))
 
 
-def score(x0, cond, reward_fn, quality):
-  """Mean reward (total and each term) and the quality proxies of a sample set."""
+def score(images, cond, prompts, reward_fn, quality):
+  """Mean reward (total and each term) and the quality proxies of a decoded sample set (pixels in [-1, 1])."""
+  import jax
   from normguard_jax.rewards.api import RewardBatch
-  total, parts = reward_fn(RewardBatch(x0, cond))
+  total, parts = reward_fn(RewardBatch(images, cond, prompts))
   out = {"reward": float(np.mean(np.asarray(total))),
          **{f"reward_{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()}}
   if quality is not None:
-    out.update(quality(np.asarray(x0), np.asarray(cond)))
+    out.update(quality(np.asarray(images), jax.tree_util.tree_map(np.asarray, cond)))
   return out
 
 

@@ -2,10 +2,11 @@
 inference"; §3.3: the norm diagnostics).
 
 For each model and each setting (number of Euler steps: the training count, few-step 4 and 8, many-step 50; CFG
-off (scale 1) and on (``--cfg-scale``)), on held-out noise and labels (key seed + 777, not the training loop's
-eval key):
+off (scale 1) and on (``--cfg-scale``)), on held-out noise and conditions (every class for digits, the eval prompts
+for text tasks; noise key seed + 777, not the training loop's eval key):
 
-* reward (total and terms) and the quality proxies of analysis/quality.py on the policy's own ODE samples;
+* reward (total and terms) and the quality proxies of analysis/quality.py on the policy's own ODE samples, decoded
+  by the task (the VAE for latent models);
 * rho_k = ||v_theta(x_k)|| / ||v_ref(x_k)|| on the policy's own trajectory and on the reference's trajectory
   (the two readings of paper.md §3.3), their means, the mean inflation mean_k,b(rho) - 1, and cos(v_theta, v_ref);
 
@@ -59,6 +60,12 @@ def _norm_stats(ro, prefix):
           f"{prefix}norm_ref_per_step": common.per_step(ro["norm_ref"])}
 
 
+def quality_labels(task, quality):
+  """The quality-proxy names (and meanings) this evaluation reports: none without a quality function."""
+  from normguard_jax.analysis import quality as quality_lib
+  return quality_lib.labels_for(task) if quality is not None else {}
+
+
 def settings_for(cfg, steps=None, cfg_scales=None):
   train_steps = int(cfg.rollout.num_steps)
   steps = sorted({train_steps, 4, 8, 50} if steps is None else {int(s) for s in steps})
@@ -67,28 +74,45 @@ def settings_for(cfg, steps=None, cfg_scales=None):
 
 
 def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scales=None, quality=None,
-        reference_trajectory=True):
+        reference_trajectory=True, require_cfg=False):
   """Command body: writes evaluate.json, evaluate.png (reward/quality against steps), evaluate_rho.png (rho_k on
-  own and reference trajectories at the training step count) and evaluate_hinge.png (hinge stats over training)."""
-  cfg = wd.cfg
+  own and reference trajectories at the training step count) and evaluate_hinge.png (hinge stats over training).
+
+  ``per_class``: samples per held-out condition. CFG-on settings need the task's unconditional input; a text task
+  without the negative prompt's embeddings on disk skips them (recorded under settings.cfg_skipped) unless
+  ``require_cfg``, when that is an error."""
+  cfg, task = wd.cfg, wd.task
   settings, train_steps = settings_for(cfg, steps, cfg_scales)
-  x1, cond = sampling.eval_inputs(cfg, per_class)
+  x1, cond, prompts = sampling.eval_inputs(task, cfg, per_class)
+  uncond, skipped = None, None
+  if any(c != 1.0 for _, c in settings):
+    if task.cfg_available():
+      uncond = task.uncond(cond)
+    elif require_cfg:
+      task.uncond(cond)  # raises the task's error, which names the missing files
+    else:
+      skipped = ("the negative prompt's embeddings (data.negative_dir / data.negative_split) are not on disk; "
+                 "write them with encode_prompts to evaluate with CFG")
+      log.warning("evaluate: CFG-on settings skipped: %s", skipped)
+      settings = [(s, c) for s, c in settings if c == 1.0]
   reward_fn = common.reward_fn_for(cfg)
-  null = int(cfg.model.num_classes)
-  ref_apply = workdir_lib.velocity_apply(wd.ref_model_cfg)
-  models = [("reference", workdir_lib.velocity_apply(wd.ref_model_cfg), wd.ref_variables, None)] + [
-      (r.name, workdir_lib.velocity_apply(r.model_cfg), r.variables, r) for r in wd.runs.values()]
+  ref_apply = wd.velocity_apply(wd.ref_model_cfg)
+  models = [("reference", ref_apply, wd.ref_variables, None)] + [
+      (r.name, wd.velocity_apply(r.model_cfg), r.variables, r) for r in wd.runs.values()]
+  rows = int(x1.shape[0])
   result = {"settings": {"steps": sorted({s for s, _ in settings}), "cfg_scales": sorted({c for _, c in settings}),
                          "train_steps": train_steps, "shift": float(cfg.rollout.shift),
-                         "samples": int(cond.shape[0]), "eval_key": "seed + 777 (held out)"},
+                         "mu": getattr(task, "grid_mu", None), "task": task.name, "samples": rows,
+                         "per_condition": int(per_class), "eval_key": "seed + 777 (held out)",
+                         "cfg_skipped": skipped, "quality_labels": quality_labels(task, quality)},
             "models": {}}
   jobs = [(m, s) for m in models for s in settings]
   for (name, apply, variables, run_model), (num_steps, scale) in tqdm(jobs, desc="evaluate", unit="setting"):
-    grid = sampling.grid_for(num_steps, float(cfg.rollout.shift))
-    kw = dict(policy_apply=apply, ref_apply=ref_apply, cfg_scale=scale, null_cond=null)
+    grid = sampling.grid_for_task(task, cfg, num_steps)
+    kw = dict(policy_apply=apply, ref_apply=ref_apply, cfg_scale=scale, uncond=uncond)
     ro = sampling.paired_sample_jit(variables, wd.ref_variables, x1, cond, grid, drive="policy", **kw)
-    e = {"num_steps": num_steps, "cfg_scale": scale, **common.score(ro["x0"], cond, reward_fn, quality),
-         **_norm_stats(ro, "own_")}
+    e = {"num_steps": num_steps, "cfg_scale": scale,
+         **common.score(task.decode(ro["x0"]), cond, prompts, reward_fn, quality), **_norm_stats(ro, "own_")}
     if reference_trajectory and run_model is not None:
       e.update(_norm_stats(sampling.paired_sample_jit(variables, wd.ref_variables, x1, cond, grid,
                                                       drive="reference", **kw), "reftraj_"))
@@ -108,8 +132,7 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
     for e in entry["settings"]:
       key = f"{e['num_steps']}steps_cfg{e['cfg_scale']:g}"
       result["table"].setdefault(key, {})[name] = {
-          k: e.get(k) for k in ("reward", "class_conf", "nn_dist", "frechet", "out_of_range", "own_mean_rho",
-                                "reftraj_mean_rho")}
+          k: e.get(k) for k in ("reward", *result["settings"]["quality_labels"], "own_mean_rho", "reftraj_mean_rho")}
   result["settings"]["headline"] = f"{train_steps}steps_cfg{trained_scale:g}"
   common.write_json(os.path.join(out_dir, "evaluate.json"), result)
   _plot(result, out_dir)
@@ -119,7 +142,7 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
 def _plot(result, out_dir):
   plt = common.plt()
   models = result["models"]
-  keys = ["reward", "class_conf", "frechet", "out_of_range", "own_mean_rho"]
+  keys = ["reward", *[k for k in result["settings"]["quality_labels"] if k != "nn_dist"][:3], "own_mean_rho"]
   scales = result["settings"]["cfg_scales"]
   style = lambda name, m: dict(ls="-" if m.get("normguard") else ("--" if name != "reference" else ":"),
                                marker="o", ms=3)

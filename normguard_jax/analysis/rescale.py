@@ -10,11 +10,11 @@ each method the plain policy, the rescaled policy and, when the workdir has it, 
 
 import logging
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from normguard_jax.analysis import common, sampling
+from normguard_jax.analysis import quality as quality_lib
 from normguard_jax.analysis import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -23,16 +23,16 @@ rescale_velocity = sampling.rescale_velocity
 
 
 def sample_rescaled(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_apply, cfg_scale=1.0,
-                    null_cond=None):
+                    uncond=None):
   """The rescaled sampler as a pure function over the lax.scan sampler: ``sampling.paired_sample`` with
   ``drive="rescaled"``. ``norm_drive`` equals ``norm_ref`` at every step (what the test checks); ``norm``/``rho``
   are the raw policy's, measured on the rescaled trajectory."""
   return sampling.paired_sample(policy_vars, ref_vars, x1, cond, grid, policy_apply=policy_apply,
-                                ref_apply=ref_apply, drive="rescaled", cfg_scale=cfg_scale, null_cond=null_cond)
+                                ref_apply=ref_apply, drive="rescaled", cfg_scale=cfg_scale, uncond=uncond)
 
 
-def _entry(ro, cond, reward_fn, quality):
-  out = common.score(ro["x0"], cond, reward_fn, quality)
+def _entry(ro, task, cond, prompts, reward_fn, quality):
+  out = common.score(task.decode(ro["x0"]), cond, prompts, reward_fn, quality)
   out.update(rho_per_step=common.per_step(ro["rho"]), mean_rho=float(np.mean(np.asarray(ro["rho"]))),
              drive_over_ref_per_step=common.per_step(np.asarray(ro["norm_drive"]) / np.asarray(ro["norm_ref"])),
              cos_per_step=common.per_step(ro["cos"]))
@@ -41,26 +41,28 @@ def _entry(ro, cond, reward_fn, quality):
 
 def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, num_steps=None, cfg_scale=None, quality=None):
   """Command body: returns the JSON dict (also written to OUT/rescale.json) and writes rescale.png."""
-  cfg = wd.cfg
+  cfg, task = wd.cfg, wd.task
   num_steps = int(num_steps or cfg.rollout.num_steps)
   cfg_scale = float(cfg.rollout.cfg_scale if cfg_scale is None else cfg_scale)
-  null = int(cfg.model.num_classes)
-  grid = sampling.grid_for(num_steps, float(cfg.rollout.shift))
-  x1, cond = sampling.eval_inputs(cfg, per_class)
+  grid = sampling.grid_for_task(task, cfg, num_steps)
+  x1, cond, prompts = sampling.eval_inputs(task, cfg, per_class)
+  uncond = task.uncond(cond) if cfg_scale != 1.0 else None  # the task's error names a missing negative prompt
   reward_fn = common.reward_fn_for(cfg)
-  ref_apply = workdir_lib.velocity_apply(wd.ref_model_cfg)
-  kw = dict(ref_apply=ref_apply, cfg_scale=cfg_scale, null_cond=null)
+  ref_apply = wd.velocity_apply(wd.ref_model_cfg)
+  kw = dict(ref_apply=ref_apply, cfg_scale=cfg_scale, uncond=uncond)
+  score = lambda ro: _entry(ro, task, cond, prompts, reward_fn, quality)
 
   ro = sampling.paired_sample_jit(wd.ref_variables, wd.ref_variables, x1, cond, grid, policy_apply=ref_apply,
                                   drive="policy", **kw)
   result = {"settings": {"num_steps": num_steps, "cfg_scale": cfg_scale, "shift": float(cfg.rollout.shift),
-                         "samples": int(cond.shape[0]), "eval_key": "seed + 777 (held out)"},
-            "reference": _entry(ro, cond, reward_fn, quality), "runs": {}, "methods": {}}
+                         "mu": getattr(task, "grid_mu", None), "task": task.name, "samples": int(x1.shape[0]),
+                         "eval_key": "seed + 777 (held out)"},
+            "reference": score(ro), "runs": {}, "methods": {}}
   jobs = [(r, d) for r in wd.runs.values() for d in ("policy", "rescaled")]
   for r, drive in tqdm(jobs, desc="rescale", unit="rollout"):
     ro = sampling.paired_sample_jit(r.variables, wd.ref_variables, x1, cond, grid,
-                                    policy_apply=workdir_lib.velocity_apply(r.model_cfg), drive=drive, **kw)
-    e = _entry(ro, cond, reward_fn, quality)
+                                    policy_apply=wd.velocity_apply(r.model_cfg), drive=drive, **kw)
+    e = score(ro)
     if drive == "rescaled":
       e["max_abs_drive_rho_minus_1"] = float(np.max(np.abs(np.asarray(ro["norm_drive"]) /
                                                            np.asarray(ro["norm_ref"]) - 1.0)))
@@ -74,23 +76,22 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, num_steps=None, cfg_s
     if pair["ng"] is not None:
       row["normguard"] = result["runs"][pair["ng"].name]["policy"]
       row["normguard_rescaled"] = result["runs"][pair["ng"].name]["rescaled"]
-    keys = [k for k in ("reward", "class_conf", "nn_dist", "frechet", "out_of_range", "mean_rho")
-            if all(k in v for v in row.values())]
+    keys = [k for k in ("reward", *quality_lib.labels_for(task), "mean_rho") if all(k in v for v in row.values())]
     row["summary"] = {k: {v: row[v][k] for v in row} for k in keys}
     if "plain" in row:
       row["summary"]["rescaled_minus_plain"] = {k: row["rescaled"][k] - row["plain"][k] for k in keys}
     result["methods"][method] = row
 
   common.write_json(f"{out_dir}/rescale.json", result)
-  _plot(result, f"{out_dir}/rescale.png")
+  _plot(result, f"{out_dir}/rescale.png", [k for k in quality_lib.labels_for(task) if k != "nn_dist"][:3])
   return result
 
 
-def _plot(result, path):
+def _plot(result, path, quality_keys):
   plt = common.plt()
   methods = result["methods"]
   variants = ["plain", "rescaled", "normguard", "normguard_rescaled"]
-  keys = ["reward", "class_conf", "frechet", "out_of_range"]
+  keys = ["reward", *[k for k in quality_keys if k in result["reference"]]]
   fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.6))
   names = list(methods)
   width = 0.8 / len(variants)

@@ -29,16 +29,21 @@ def rescale_velocity(v, v_ref, eps=1e-12):
   return (v.astype(jnp.float32) * scale.reshape((-1,) + (1,) * (v.ndim - 1))).astype(v.dtype)
 
 
-def guided(apply, variables, x, t, cond, cfg_scale, null_cond):
-  """v = v(c) when cfg_scale == 1, else the CFG combination v_u + w (v_c - v_u) with the null label
-  ``null_cond`` (flow/samplers.cfg_combine). ``cfg_scale`` may be traced: the unconditional forward then sits
-  under a lax.cond, so one compile serves CFG off and on."""
+def guided(apply, variables, x, t, cond, cfg_scale, uncond):
+  """v = v(c) when cfg_scale == 1, else the CFG combination v_u + w (v_c - v_u) with the unconditional input
+  ``uncond`` (a pytree like ``cond``: the null label, the negative prompt's embeddings; flow/samplers.cfg_combine).
+  ``cfg_scale`` may be traced: the unconditional forward then sits under a lax.cond, so one compile serves CFG off
+  and on (a traced scale with ``uncond=None`` means CFG off)."""
   v = apply(variables, x, t, cond)
+  if isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0:
+    return v
+  if uncond is None:
+    if isinstance(cfg_scale, (int, float)):
+      raise ValueError("CFG (cfg_scale != 1) needs the unconditional input uncond")
+    return v  # a traced scale without uncond: the caller has checked that CFG is off
+  with_cfg = lambda v: samplers.cfg_combine(v, apply(variables, x, t, uncond), cfg_scale)
   if isinstance(cfg_scale, (int, float)):
-    if cfg_scale == 1.0:
-      return v
-    return samplers.cfg_combine(v, apply(variables, x, t, jnp.full_like(cond, null_cond)), cfg_scale)
-  with_cfg = lambda v: samplers.cfg_combine(v, apply(variables, x, t, jnp.full_like(cond, null_cond)), cfg_scale)
+    return with_cfg(v)
   return jax.lax.cond(cfg_scale != 1.0, with_cfg, lambda v: v, v)
 
 
@@ -49,20 +54,19 @@ def _cosine(a, b, eps=1e-12):
 
 
 def paired_sample(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_apply, drive="policy",
-                  cfg_scale=1.0, null_cond=None):
+                  cfg_scale=1.0, uncond=None):
   """Returns dict: ``x0`` (B, ...), ``xs`` (K+1, B, ...), and per step (K, B): ``norm`` = ||v_theta||,
   ``norm_ref`` = ||v_ref||, ``rho`` = norm / norm_ref, ``norm_drive`` = norm of the velocity that moved x, and
-  ``cos`` = cosine(v_theta, v_ref). ``drive`` is a name or its index in DRIVES (may be traced)."""
+  ``cos`` = cosine(v_theta, v_ref). ``drive`` is a name or its index in DRIVES (may be traced); ``uncond`` is the
+  unconditional input of CFG (needed when cfg_scale != 1)."""
   if isinstance(drive, str):
     if drive not in DRIVES:
       raise ValueError(f"unknown drive {drive!r}; expected one of {DRIVES}")
     drive = DRIVES.index(drive)
-  if null_cond is None and not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0):
-    raise ValueError("CFG needs null_cond (the unconditional label)")
 
   def velocity_fn(x, t):
-    v = guided(policy_apply, policy_vars, x, t, cond, cfg_scale, null_cond)
-    v_ref = guided(ref_apply, ref_vars, x, t, cond, cfg_scale, null_cond)
+    v = guided(policy_apply, policy_vars, x, t, cond, cfg_scale, uncond)
+    v_ref = guided(ref_apply, ref_vars, x, t, cond, cfg_scale, uncond)
     d = jnp.where(drive == 0, v, jnp.where(drive == 1, v_ref, rescale_velocity(v, v_ref)))
     n, n_ref = norms.velocity_norm(v), norms.velocity_norm(v_ref)
     return d, {"norm": n, "norm_ref": n_ref, "norm_drive": norms.velocity_norm(d), "cos": _cosine(v, v_ref)}
@@ -73,35 +77,47 @@ def paired_sample(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_ap
           "norm_drive": a["norm_drive"], "cos": a["cos"], "rho": a["norm"] / jnp.maximum(a["norm_ref"], 1e-12)}
 
 
-@functools.partial(jax.jit, static_argnames=("policy_apply", "ref_apply", "null_cond"))
-def _paired_sample_jit(policy_vars, ref_vars, x1, cond, grid, drive, cfg_scale, *, policy_apply, ref_apply,
-                       null_cond):
+@functools.partial(jax.jit, static_argnames=("policy_apply", "ref_apply"))
+def _paired_sample_jit(policy_vars, ref_vars, x1, cond, uncond, grid, drive, cfg_scale, *, policy_apply, ref_apply):
+  if uncond is None:  # no CFG possible: the scale is not used
+    cfg_scale = 1.0
   return paired_sample(policy_vars, ref_vars, x1, cond, grid, policy_apply=policy_apply, ref_apply=ref_apply,
-                       drive=drive, cfg_scale=cfg_scale, null_cond=null_cond)
+                       drive=drive, cfg_scale=cfg_scale, uncond=uncond)
 
 
 def paired_sample_jit(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_apply, drive="policy",
-                      cfg_scale=1.0, null_cond=None):
-  """Jitted :func:`paired_sample`; drive and CFG scale are traced, so one compile per (model pair, step count)."""
-  if null_cond is None:
-    null_cond = -1
-    if cfg_scale != 1.0:
-      raise ValueError("CFG needs null_cond (the unconditional label)")
-  return _paired_sample_jit(policy_vars, ref_vars, x1, cond, grid, jnp.int32(DRIVES.index(drive)),
-                            jnp.float32(cfg_scale), policy_apply=policy_apply, ref_apply=ref_apply,
-                            null_cond=int(null_cond))
+                      cfg_scale=1.0, uncond=None):
+  """Jitted :func:`paired_sample`; drive and CFG scale are traced, so one compile per (model pair, step count,
+  with or without ``uncond``)."""
+  if uncond is None and cfg_scale != 1.0:
+    raise ValueError("CFG (cfg_scale != 1) needs the unconditional input uncond")
+  return _paired_sample_jit(policy_vars, ref_vars, x1, cond, uncond, grid, jnp.int32(DRIVES.index(drive)),
+                            jnp.float32(cfg_scale), policy_apply=policy_apply, ref_apply=ref_apply)
 
 
-def eval_inputs(cfg, per_class, seed_offset=777):
-  """Held-out eval inputs: labels (per_class of each class) and initial noise x1, from a key the training loop's
-  evaluator does not use (it uses seed + 12345)."""
-  n_cls = int(cfg.model.num_classes)
-  cond = jnp.repeat(jnp.arange(n_cls, dtype=jnp.int32), per_class)
-  shape = (cond.shape[0], int(cfg.model.image_size), int(cfg.model.image_size), int(cfg.model.channels))
-  x1 = jax.random.normal(jax.random.PRNGKey(int(cfg.seed) + seed_offset), shape, jnp.float32)
-  return x1, cond
+def repeat_rows(tree, n):
+  return jax.tree_util.tree_map(lambda a: jnp.repeat(a, n, axis=0), tree)
+
+
+def eval_inputs(task, cfg, per_condition, seed_offset=777):
+  """Held-out eval inputs -> (x1, cond, prompts): each of the task's distinct eval conditions (digits: every class;
+  text tasks: the eval prompts) ``per_condition`` times, and initial noise x1 of the task's latent shape, from a key
+  the training loop's evaluator does not use (it uses seed + 12345)."""
+  cond, prompts = task.eval_conditions()
+  cond = repeat_rows(cond, int(per_condition))
+  if prompts is not None:
+    prompts = [p for p in prompts for _ in range(int(per_condition))]
+  rows = jax.tree_util.tree_leaves(cond)[0].shape[0]
+  x1 = jax.random.normal(jax.random.PRNGKey(int(cfg.seed) + seed_offset), (rows,) + tuple(task.latent_shape),
+                         jnp.float32)
+  return x1, cond, prompts
+
+
+def grid_for_task(task, cfg, num_steps):
+  """The task's sampling grid (the rollout's): the static shift, or FLUX's resolution-dependent mu."""
+  return grid_for(int(num_steps), float(cfg.rollout.shift), getattr(task, "grid_mu", None))
 
 
 @functools.lru_cache(maxsize=None)
-def grid_for(num_steps, shift):
-  return schedules.sampling_grid(int(num_steps), float(shift))
+def grid_for(num_steps, shift, mu=None):
+  return schedules.sampling_grid(int(num_steps), float(shift), mu)

@@ -7,8 +7,12 @@ Depends only on the on-disk contract (README "Outputs in the workdir", train/che
   old, opt_state, rng``) and ``meta`` (JSON; the final checkpoint has ``done=True`` and the run's ``result``);
 * ``WORKDIR/runs/<name>/metrics.jsonl``;
 
-plus ``train.loop.model_config`` / ``apply_fn_for`` and ``models/dit.py``. Checkpoints are restored onto one local
-device (a target built from the checkpoint's own metadata), whatever device count or mesh they were saved from.
+plus the job's task (normguard_jax/tasks: ``config.task``; digits, sd3, flux) for the model config, the velocity
+function, the held-out conditions, CFG's unconditional input and the decoder. A text-to-image task reads the local
+files its config names (``model.weights_dir`` for the VAE and the transformer's config.json, ``data.embeddings_dir``
+for the eval prompts); ``overrides`` (``--set key=value`` on the command line) repoint them when they have moved.
+Checkpoints are restored onto one local device (a target built from the checkpoint's own metadata), whatever device
+count or mesh they were saved from.
 
 Policy variables (train/state.py): LoRA runs ``{"params": frozen, "lora": trainable}`` (adapter on), full fine-tuning
 ``{"params": trainable}``. The reference is ``{"params": frozen}`` under the LoRA-free model config, i.e. the base
@@ -16,7 +20,6 @@ model exactly (DESIGN.md §3, LoRA gate 0 = base model).
 """
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -56,6 +59,10 @@ class Workdir:
   ref_model_cfg: Any
   ref_params: Any
   runs: Dict[str, RunModel]
+  task: Any = None               # the job's task (tasks/__init__.py), built from cfg
+
+  def velocity_apply(self, model_cfg):
+    return velocity_apply(self.task, model_cfg)
 
   @property
   def ref_variables(self):
@@ -70,28 +77,25 @@ class Workdir:
     return out
 
 
-def _loop():
-  from normguard_jax.train import loop  # the two stable names: model_config, apply_fn_for
-  return loop
+_APPLY = {}
 
 
-def model_config(cfg, lora_rank=0):
-  return _loop().model_config(cfg, lora_rank)
+def velocity_apply(task, model_cfg):
+  """``f(variables, x, t, cond) -> v`` for a model config (adapter on for LoRA variables). Cached per (task class,
+  config), on which the velocity depends, so that jitted analysis functions taking it as a static argument compile
+  once per model, not once per run or per command."""
+  key = (type(task).__name__, model_cfg)
+  if key not in _APPLY:
+    apply_fn = task.apply_fn(model_cfg)
+
+    def f(variables, x, t, cond):
+      return apply_fn(variables, x, t, cond, None)
+    _APPLY[key] = f
+  return _APPLY[key]
 
 
-@functools.lru_cache(maxsize=None)
-def velocity_apply(model_cfg):
-  """``f(variables, x, t, cond) -> v`` for a DiT config (adapter on for LoRA variables). Cached per config so
-  that jitted analysis functions taking it as a static argument compile once per model, not once per run."""
-  apply_fn = _loop().apply_fn_for(model_cfg)
-
-  def f(variables, x, t, cond):
-    return apply_fn(variables, x, t, cond, None)
-
-  return f
-
-
-def load_config(workdir):
+def load_config(workdir, overrides=()):
+  """``WORKDIR/config.json`` as a ConfigDict, with ``key=value`` overrides applied (config.apply_overrides)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isdir(workdir):
     raise WorkdirError(f"workdir {workdir!r} does not exist")
@@ -100,9 +104,28 @@ def load_config(workdir):
                        "(python -m normguard_jax.train --config ... --workdir DIR writes it first)")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      cfg = ml_collections.ConfigDict(json.load(f))
   except (OSError, ValueError) as e:
     raise WorkdirError(f"{path} is not readable JSON: {e}") from e
+  if overrides:
+    from normguard_jax import config as config_lib
+    try:
+      cfg = config_lib.apply_overrides(cfg, list(overrides))
+    except (config_lib.ConfigError, ValueError, KeyError, AttributeError) as e:
+      raise WorkdirError(f"--set {list(overrides)}: {e}") from e
+  return cfg
+
+
+def make_task(cfg, workdir):
+  """The job's task from its config; a file it names that is gone or unreadable is a WorkdirError."""
+  from normguard_jax import config as config_lib
+  from normguard_jax import tasks as tasks_lib
+  try:
+    return tasks_lib.make_task(cfg)
+  except (config_lib.ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+    raise WorkdirError(f"{workdir}/config.json names files the {cfg.get('task', 'digits')!r} task cannot read "
+                       f"here: {type(e).__name__}: {e}. Repoint them with --set, e.g. --set "
+                       "model.weights_dir=/path/to/snapshot --set data.embeddings_dir=/path/to/embeddings") from e
 
 
 def run_names(workdir):
@@ -166,7 +189,7 @@ def _is_lora(trainable):
   return bool(paths) and all("lora_" in p for p in paths)
 
 
-def load_run(workdir, name, cfg, require_done=True):
+def load_run(workdir, name, cfg, task, require_done=True):
   """-> (RunModel, reference params of that run: its state's ``frozen`` field)."""
   ckpt_dir = os.path.join(workdir, "runs", name, "checkpoints")
   step, state, meta = restore_checkpoint(ckpt_dir)
@@ -177,7 +200,7 @@ def load_run(workdir, name, cfg, require_done=True):
                        "pass --allow-unfinished to analyse the latest checkpoint.")
   lora = _is_lora(state["trainable"])
   rank = int(cfg.rl.lora_rank) if lora else 0
-  mcfg = model_config(cfg, rank)
+  mcfg = task.model_config(rank)
   variables = {"params": state["frozen"], "lora": state["trainable"]} if lora else {"params": state["trainable"]}
   result = meta.get("result") or {}
   return RunModel(name=name, method=meta.get("method"), normguard=meta.get("normguard"), lora=lora, step=step,
@@ -186,14 +209,10 @@ def load_run(workdir, name, cfg, require_done=True):
                   meta={k: v for k, v in meta.items() if k not in ("samples", "history")}), state["frozen"]
 
 
-def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True):
-  """Load config, reference params and every (or the named) run's final policy variables."""
+def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True, overrides=()):
+  """Load config, task, reference params and every (or the named) run's final policy variables."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  cfg = load_config(workdir)
-  task = cfg.get("task", "digits")
-  if task != "digits":
-    raise WorkdirError(f"{workdir} is a {task!r} workdir; the analysis commands support the digits task (its "
-                       "tiny DiT and quality proxies) only so far")
+  cfg = load_config(workdir, overrides)
   names = _ordered(run_names(workdir), cfg)
   if runs:
     missing = sorted(set(runs) - set(names))
@@ -203,9 +222,10 @@ def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True):
   if not names:
     raise WorkdirError(f"{workdir} has no RL run checkpoints under runs/<name>/checkpoints: the job has not "
                        "finished a run yet")
+  task = make_task(cfg, workdir)
   loaded, ref_params = {}, None
   for name in names:
-    run, ref = load_run(workdir, name, cfg, require_done=require_done)
+    run, ref = load_run(workdir, name, cfg, task, require_done=require_done)
     if ref_params is None:
       ref_params = ref
     else:
@@ -213,7 +233,8 @@ def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True):
       if not same:
         log.warning("run %s has different frozen (reference) params from the first run; using the first", name)
     loaded[name] = run
-  return Workdir(path=workdir, cfg=cfg, ref_model_cfg=model_config(cfg, 0), ref_params=ref_params, runs=loaded)
+  return Workdir(path=workdir, cfg=cfg, ref_model_cfg=task.model_config(0), ref_params=ref_params, runs=loaded,
+                 task=task)
 
 
 def read_metrics(path):

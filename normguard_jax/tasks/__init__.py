@@ -11,6 +11,12 @@ picks one of :data:`TASKS`. A task provides, with conditioning ``cond`` as any p
   eval_set() -> (cond, prompts)                                               the fixed eval prompts
   quality(images, cond) -> {name: float}; quality_labels; real_quality(n)     proxies the reward does not see
   sample_grid(images, cond, prompts, path, title)                             a PNG of samples
+
+and, for the analysis commands (normguard_jax.analysis), which read a finished workdir:
+
+  eval_conditions() -> (cond, prompts)            the distinct held-out conditions (classes, eval prompts)
+  cfg_available() -> bool                         whether uncond() can run (a negative prompt on disk)
+  decoder() -> (decode_fn(params, z), params)     the decoder as a pure, differentiable function (adjoint)
 """
 
 import importlib

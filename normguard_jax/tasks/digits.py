@@ -78,6 +78,23 @@ class DigitsTask:
     n = self.cfg.eval.samples_per_class
     return jnp.repeat(jnp.arange(self.cfg.model.num_classes, dtype=jnp.int32), n), None
 
+  def eval_conditions(self):
+    """The distinct held-out conditions (every class once) for the analysis commands; no prompt strings."""
+    return jnp.arange(self.cfg.model.num_classes, dtype=jnp.int32), None
+
+  @staticmethod
+  def cfg_available():
+    return True  # the null label
+
+  @staticmethod
+  def load_decoder():
+    return None
+
+  @staticmethod
+  def decoder():
+    """Pixels are the samples: the identity as ``decode_fn(params, z)``, no params."""
+    return (lambda params, z: z), None
+
   def quality(self, images, cond):
     if self._quality is None:
       self._quality = quality_lib.DigitQuality(seed=self.cfg.seed)

@@ -13,7 +13,6 @@ SD3; only the velocity model, the conditioning and the VAE differ.
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,14 +56,14 @@ class FluxTask(TextToImageTask):
     self._check_embeddings(self.base_cfg.joint_attention_dim, None if self.flux2 else self.base_cfg.pooled_projection_dim)
     h, w = self.latent_shape[:2]
     self.grid_mu = float(schedules.flux_mu((h // 2) * (w // 2)))
-    self._decode = jax.jit(lambda params, z: decode(params, z, self.vae_cfg))
+    self.vae_decode = decode  # (params, z, vae_cfg) -> pixels
 
   def reference(self, workdir, guard=None):
     del workdir, guard
     m = self.cfg.model
     dtype = np.dtype(jnp.dtype(m.param_dtype))
     _, params = flux_convert.load_transformer(self._transformer_dir, param_dtype=dtype, **_runtime(m))
-    _, self._vae_params = vae_convert.load_vae(self._vae_dir, param_dtype=dtype, dtype=m.dtype)
+    self.load_decoder()
     return params, {"weights_dir": os.path.abspath(m.weights_dir), "params": int(flux.param_count(params)),
                     "param_dtype": m.param_dtype, "family": self.base_cfg.class_name, "mu": self.grid_mu}
 

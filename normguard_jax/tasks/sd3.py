@@ -6,7 +6,6 @@ chunks, grids) is tasks/text_to_image.py. The recipes of paper.md §5-7 sample C
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,7 +36,7 @@ class SD3Task(TextToImageTask):
     self._check_latents(self.vae_cfg.downsample_factor, self.base_cfg.patch_size, self.base_cfg.in_channels,
                         self.vae_cfg.latent_channels)
     self._check_embeddings(self.base_cfg.joint_attention_dim, self.base_cfg.pooled_projection_dim)
-    self._decode = jax.jit(lambda params, z: vae_lib.decode(params, z, self.vae_cfg))
+    self.vae_decode = vae_lib.decode  # (params, z, vae_cfg) -> pixels
 
   def reference(self, workdir, guard=None):
     """The pretrained transformer (and the VAE for decoding), converted strictly from the diffusers files."""
@@ -45,7 +44,7 @@ class SD3Task(TextToImageTask):
     m = self.cfg.model
     dtype = np.dtype(jnp.dtype(m.param_dtype))
     _, params = sd3_convert.load_transformer(self._transformer_dir, param_dtype=dtype, **_runtime(m))
-    _, self._vae_params = vae_convert.load_vae(self._vae_dir, param_dtype=dtype, dtype=m.dtype)
+    self.load_decoder()
     return params, {"weights_dir": os.path.abspath(m.weights_dir), "params": int(mmdit.param_count(params)),
                     "param_dtype": m.param_dtype}
 

@@ -13,6 +13,7 @@ Everything comes from local files named in the config; nothing is downloaded:
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -20,7 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from normguard_jax import config as config_lib
+from normguard_jax.convert import vae as vae_convert
 from normguard_jax.data import text_embeddings
+
+
+@functools.partial(jax.jit, static_argnames=("decode_fn", "vae_cfg"))
+def _decode_jit(params, z, *, decode_fn, vae_cfg):
+  """One compile per (decoder, VAE config, shape) in the process, shared by every task instance."""
+  return decode_fn(params, z, vae_cfg)
 
 
 class TextToImageTask:
@@ -34,6 +42,13 @@ class TextToImageTask:
     self.eval_data = text_embeddings.load_text_embeddings(d.embeddings_dir, d.eval_split) if d.eval_split else self.data
     self._negative = None
     if cfg.rollout.cfg_scale != 1.0:
+      self._load_negative()  # fail at start-up, not at the first CFG rollout
+    self._vae_params = None
+
+  def _load_negative(self):
+    """The negative prompt's example (split ``data.negative_split`` of ``data.negative_dir``), loaded once."""
+    if self._negative is None:
+      d = self.cfg.data
       neg_dir = d.get("negative_dir", "") or d.embeddings_dir
       try:
         neg = text_embeddings.load_text_embeddings(neg_dir, d.negative_split)
@@ -44,7 +59,35 @@ class TextToImageTask:
             f"{d.negative_split}` (negative.jsonl: the line {{\"prompt\": \"\"}}) and pass "
             "--config.data.negative_dir=NEG_DIR") from e
       self._negative = neg[0]
-    self._vae_params = None
+    return self._negative
+
+  def cfg_available(self):
+    """Whether CFG can run (the negative prompt's embeddings are on disk); used by the analysis commands."""
+    try:
+      self._load_negative()
+      return True
+    except config_lib.ConfigError:
+      return False
+
+  def load_decoder(self):
+    """Load the VAE params once (also done by :meth:`reference`); the analysis commands need the decoder but not
+    the transformer, which the checkpoints hold."""
+    if self._vae_params is None:
+      m = self.cfg.model
+      _, self._vae_params = vae_convert.load_vae(self._vae_dir, param_dtype=np.dtype(jnp.dtype(m.param_dtype)),
+                                                 dtype=m.dtype)
+    return self._vae_params
+
+  def _decode(self, params, z):
+    return _decode_jit(params, z, decode_fn=self.vae_decode, vae_cfg=self.vae_cfg)
+
+  def _decode_fn(self, params, z):
+    return self.vae_decode(params, z, self.vae_cfg)
+
+  def decoder(self):
+    """-> (decode_fn(params, z) -> pixels, params): the VAE decoder as a pure function (differentiable, for the
+    adjoint analysis) and its params."""
+    return self._decode_fn, self.load_decoder()
 
   # ---------------------------------------------------------------- family hooks (see sd3.py, flux.py)
   model_module = None  # models/mmdit.py or models/flux.py: velocity(...), init_lora(cfg, key)
@@ -82,24 +125,25 @@ class TextToImageTask:
 
   def uncond(self, cond):
     """The negative prompt's conditioning, one row per row of ``cond``."""
-    if self._negative is None:
-      raise ValueError("CFG requested but no negative split was loaded")
     rows = jax.tree_util.tree_leaves(cond)[0].shape[0]
-    neg = self.cond_from_examples([self._negative])
+    neg = self.cond_from_examples([self._load_negative()])
     return jax.tree_util.tree_map(lambda a: jnp.repeat(a, rows, axis=0), neg)
 
   def decode(self, latents):
     """Latents -> pixels in [-1, 1], in chunks of ``model.decode_batch`` rows (VAE activations are large)."""
-    if self._vae_params is None:
-      raise RuntimeError("decode() before reference(): the VAE params are loaded with the reference")
+    params = self.load_decoder()
     n, chunk = latents.shape[0], int(self.cfg.model.decode_batch) or latents.shape[0]
     if n <= chunk:
-      return self._decode(self._vae_params, latents)
-    return jnp.concatenate([self._decode(self._vae_params, latents[i:i + chunk]) for i in range(0, n, chunk)])
+      return self._decode(params, latents)
+    return jnp.concatenate([self._decode(params, latents[i:i + chunk]) for i in range(0, n, chunk)])
 
   def eval_set(self):
     n = min(int(self.cfg.eval.num_prompts), len(self.eval_data))
     return self._stack(self.eval_data.__getitems__(list(range(n))))
+
+  def eval_conditions(self):
+    """The distinct held-out conditions for the analysis commands: the eval prompts."""
+    return self.eval_set()
 
   @staticmethod
   def quality(images, cond):
