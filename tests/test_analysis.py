@@ -234,6 +234,8 @@ def test_cli_evaluate(smoke_workdir):
     assert len(e["own_rho_per_step"]) == len(e["reftraj_rho_per_step"]) == 2
     assert np.isfinite(e["reward"]) and "class_conf" in e and np.isfinite(e["own_inflation"])
   assert run["hinge"]["ng_active_frac"]["n"] == 1 and run["hinge"]["ng_lambda"]["last"] == 1.0
+  with np.load(smoke_workdir / "analysis" / "evaluate" / "samples" / "nft_ng.npz") as z:
+    assert z["images"].shape == (10, 8, 8, 1) and list(z["labels"]) == list(range(10))
   ref = res["models"]["reference"]["settings"][0]
   np.testing.assert_allclose(ref["own_rho_per_step"], 1.0, rtol=1e-6)
 

@@ -194,3 +194,8 @@ def test_cli_single_and_pairwise(server, tmp_path):
   saved = json.loads(out2.read_text())
   assert saved["mode"] == "pairwise" and [r["winner"] for r in saved["results"]] == ["B", "A", "A"]
   assert saved["results"][0]["name_b"] == "00.png" and (tmp_path / "pair.png").exists()
+  from normguard_jax.analysis import evaluate  # its per-model sample files carry their prompts to the judge
+  evaluate.save_samples(str(tmp_path / "s.npz"), np.stack([gray(v) for v in levels]), None, ["x", "y", "z"])
+  rep = J.main(["--images", str(tmp_path / "s.npz"), "--url", server.chat_base, "--model", "judge", "--out",
+                str(tmp_path / "s.json"), "--timeout-s", "1", "--backoff-s", "0.01"])
+  assert [r["prompt"] for r in rep["results"]] == ["x", "y", "z"] and rep["summary"]["n_parsed"] == 3

@@ -95,6 +95,9 @@ def _analysis_commands_run_on_the_workdir(work, assets):
     assert all(np.isfinite(e["reward"]) and 0 <= e["saturation"] <= 1 and len(e["own_rho_per_step"]) == 2
                for e in cells.values())
   np.testing.assert_allclose(ev["models"]["reference"]["settings"][0]["own_rho_per_step"], 1.0, rtol=1e-5)
+  with np.load(work / "analysis" / "evaluate" / "samples" / "nft_ng.npz") as z:  # paired sets for the judge
+    assert z["images"].shape == (2, 16, 16, 3) and z["images"].dtype == np.uint8
+    assert list(z["prompts"]) == ["prompt 0", "prompt 1"]
   assert ev["models"]["nft_ng"]["hinge"]["ng_active_frac"]["n"] == 2
   assert ok("rescale", "--steps", "2", "--cfg-scale", "2")  # evaluate's compiled sampler serves it
   rs = json.loads((work / "analysis" / "rescale" / "rescale.json").read_text())

@@ -60,6 +60,19 @@ def _norm_stats(ro, prefix):
           f"{prefix}norm_ref_per_step": common.per_step(ro["norm_ref"])}
 
 
+def save_samples(path, images, cond, prompts):
+  """The headline setting's samples as .npz: ``images`` uint8 (B, H, W, C), ``prompts`` (text tasks) or ``labels``
+  (digits). Every model's file holds the same held-out noise and conditions row by row, so two files are a paired
+  set for the MLLM judge (``python -m normguard_jax.analysis.judge --images A.npz --pairwise B.npz``)."""
+  from normguard_jax.rewards import http
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  extra = {"prompts": np.asarray(prompts, dtype=str)} if prompts is not None else {}
+  if prompts is None and np.ndim(cond) == 1:
+    extra["labels"] = np.asarray(cond)
+  np.savez_compressed(path, images=http.to_uint8(np.asarray(images)), **extra)
+  return path
+
+
 def quality_labels(task, quality):
   """The quality-proxy names (and meanings) this evaluation reports: none without a quality function."""
   from normguard_jax.analysis import quality as quality_lib
@@ -106,13 +119,23 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
                          "per_condition": int(per_class), "eval_key": "seed + 777 (held out)",
                          "cfg_skipped": skipped, "quality_labels": quality_labels(task, quality)},
             "models": {}}
+  steps_done, scales_done = result["settings"]["steps"], result["settings"]["cfg_scales"]
+  headline = (min(steps_done, key=lambda s: abs(s - train_steps)),
+              float(cfg.rollout.cfg_scale) if float(cfg.rollout.cfg_scale) in scales_done else 1.0)
+  result["settings"]["headline"] = f"{headline[0]}steps_cfg{headline[1]:g}"
+  result["settings"]["samples_dir"] = os.path.join(out_dir, "samples")
   jobs = [(m, s) for m in models for s in settings]
   for (name, apply, variables, run_model), (num_steps, scale) in tqdm(jobs, desc="evaluate", unit="setting"):
     grid = sampling.grid_for_task(task, cfg, num_steps)
     kw = dict(policy_apply=apply, ref_apply=ref_apply, cfg_scale=scale, uncond=uncond)
     ro = sampling.paired_sample_jit(variables, wd.ref_variables, x1, cond, grid, drive="policy", **kw)
-    e = {"num_steps": num_steps, "cfg_scale": scale,
-         **common.score(task.decode(ro["x0"]), cond, prompts, reward_fn, quality), **_norm_stats(ro, "own_")}
+    images = task.decode(ro["x0"])
+    e = {"num_steps": num_steps, "cfg_scale": scale, **common.score(images, cond, prompts, reward_fn, quality),
+         **_norm_stats(ro, "own_")}
+    if (num_steps, scale) == headline:
+      save_samples(os.path.join(out_dir, "samples", f"{name}.npz"), images, cond, prompts)
+      task.sample_grid(images, cond, prompts, os.path.join(out_dir, "samples", f"{name}.png"),
+                       f"{name}: held-out samples, {num_steps} steps, cfg {scale:g}")
     if reference_trajectory and run_model is not None:
       e.update(_norm_stats(sampling.paired_sample_jit(variables, wd.ref_variables, x1, cond, grid,
                                                       drive="reference", **kw), "reftraj_"))
@@ -125,15 +148,13 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
     result["models"][r.name].update(method=r.method, normguard=r.normguard, iterations=r.iteration,
                                     status=r.status, hinge=summary, hinge_series=series)
 
-  # the headline table: training step count, CFG as trained
-  trained_scale = float(cfg.rollout.cfg_scale)
+  # the table, by setting; the headline: training step count (or the closest evaluated), CFG as trained
   result["table"] = {}
   for name, entry in result["models"].items():
     for e in entry["settings"]:
       key = f"{e['num_steps']}steps_cfg{e['cfg_scale']:g}"
       result["table"].setdefault(key, {})[name] = {
           k: e.get(k) for k in ("reward", *result["settings"]["quality_labels"], "own_mean_rho", "reftraj_mean_rho")}
-  result["settings"]["headline"] = f"{train_steps}steps_cfg{trained_scale:g}"
   common.write_json(os.path.join(out_dir, "evaluate.json"), result)
   _plot(result, out_dir)
   return result

@@ -12,6 +12,9 @@ HTTP retries (``normguard_jax.rewards.http``) is recorded with ``failed: true``.
 
 CLI:  python -m normguard_jax.analysis.judge --images DIR_OR_NPZ [--prompts FILE] --url URL --model NAME
         --out judge.json [--pairwise DIR_OR_NPZ_B]      (also writes judge.png: per-criterion means / win rates)
+The per-model .npz files of ``python -m normguard_jax.analysis evaluate`` (WORKDIR/analysis/evaluate/samples/) hold
+their prompts and share the held-out noise row by row: ``--images nft_base.npz --pairwise nft_ng.npz`` is a paired
+comparison of the same prompts and seeds.
 """
 
 import argparse
@@ -390,6 +393,14 @@ def load_images(path):
   return list(arr), [f"{os.path.basename(path)}[{i}]" for i in range(len(arr))]
 
 
+def npz_prompts(path):
+  """The ``prompts`` array of an .npz of images (as ``analysis evaluate`` writes), else None."""
+  if path is None or os.path.isdir(path) or not str(path).endswith(".npz"):
+    return None
+  with np.load(path) as z:
+    return [str(p) for p in z["prompts"]] if "prompts" in z.files else None
+
+
 def load_prompts(path, n):
   """Text (one per line), .json (list or {"prompts": [...]}) or .jsonl (strings or {"prompt": ...}); one prompt
   is broadcast to all ``n`` images."""
@@ -443,7 +454,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description="Score images with an MLLM judge over an OpenAI-compatible API.")
   p.add_argument("--images", required=True, help="folder of images or .npz (A in pairwise mode)")
   p.add_argument("--pairwise", default=None, help="folder or .npz of images B: compare A vs B pair by pair")
-  p.add_argument("--prompts", default=None, help="prompt file: .txt (one per line), .json or .jsonl")
+  p.add_argument("--prompts", default=None, help="prompt file: .txt (one per line), .json or .jsonl (default: the "
+                 "prompts stored in the --images .npz, as `analysis evaluate` writes them)")
   p.add_argument("--url", required=True, help="base URL (http://host:8000/v1) or the full chat/completions URL")
   p.add_argument("--model", required=True)
   p.add_argument("--out", default="judge.json")
@@ -458,7 +470,10 @@ def main(argv=None):
   a = p.parse_args(argv)
 
   images, names = load_images(a.images)
-  prompts = load_prompts(a.prompts, len(images))
+  stored = None if a.prompts else npz_prompts(a.images)
+  if stored is not None and len(stored) != len(images):
+    raise ValueError(f"{a.images}: {len(stored)} prompts for {len(images)} images")
+  prompts = stored if stored is not None else load_prompts(a.prompts, len(images))
   judge = Judge(a.url, a.model, timeout_s=a.timeout_s, max_attempts=a.max_attempts, backoff_s=a.backoff_s,
                 max_tokens=a.max_tokens, api_key=os.environ.get(a.api_key_env), max_workers=a.workers)
   if a.pairwise:
