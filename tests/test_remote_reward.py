@@ -239,3 +239,36 @@ def test_failed_server_stops_the_iteration_before_the_advantages(server, fault):
   np.testing.assert_allclose(np.asarray(rewards), np.concatenate([expected(images(4, 0)), expected(images(4, 4))]),
                              atol=1e-6)
   assert ro["x0"].shape == (8, 8, 8, 1)
+
+
+def test_multihost_remote_reward(server, tmp_path):
+  """Two processes x 2 CPU devices (jax.distributed on localhost), one global row-sharded batch: each process sends
+  only its share, the server scores every image once, both processes get the same replicated scores (also summed
+  with a JAX reward), and a failure on one process fails the call on both."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from normguard_jax.rewards import http
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  worker = os.path.join(os.path.dirname(__file__), "multihost_reward_worker.py")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  procs = [subprocess.Popen([sys.executable, worker, str(tmp_path / "out"), str(i), port, server.score_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+  a, b = (json.loads((tmp_path / f"out.{i}.json").read_text()) for i in range(2))
+  host = np.random.RandomState(0).uniform(-1, 1, (8, 4, 4, 3)).astype(np.float32)
+  expected = http.to_uint8(host).reshape(8, -1).mean(1) / 255.0
+  np.testing.assert_allclose(a["scores"], expected, rtol=1e-6)
+  assert a["scores"] == b["scores"] and a["total"] == b["total"] and a["replicated"] and b["replicated"]
+  np.testing.assert_allclose(a["total"], expected, rtol=1e-6)  # contrast has weight 0
+  ok = [r for r in server.requests if r["metadata"]["reward"] == "remote"]
+  assert sum(r["n"] for r in ok) == 8 and sorted(r["metadata"]["offset"] for r in ok) == [0, 0, 3, 3]
+  assert sorted(p for r in ok for p in r["prompts"]) == [f"p{i}" for i in range(8)]  # every image once
+  assert "HTTP 500" in b["phase2"] and "process(es) [1]" in a["phase2"]
+  phase2 = [r for r in server.requests if r["metadata"]["reward"] == "phase2"]
+  assert sum(r["n"] for r in phase2 if not r["metadata"].get("fault")) == 4  # process 0's share, sent once

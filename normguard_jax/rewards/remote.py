@@ -20,6 +20,10 @@ A failed sample is never scored 0 or NaN. Other 4xx replies (bad URL, bad payloa
 Overlap: ``submit(batch)`` copies the images to host memory, returns a ``concurrent.futures.Future`` of the (B,)
 float32 scores at once, and sends the chunks from a thread pool, so the trainer can sample rollout i+1 while
 rollout i is being scored. ``reward(batch)`` is ``submit(batch).result()``. Not jittable: call it on the host.
+
+Multi-host: when every process calls ``reward(batch)`` with the same global batch, each one sends only its share of
+the rows and the scores are all-gathered, so the server scores every image once, all hosts train on identical
+rewards, and a failure anywhere fails the step everywhere.
 """
 
 import concurrent.futures as cf
@@ -135,8 +139,50 @@ class RemoteReward:
     return out
 
   def __call__(self, batch):
+    import jax
     import jax.numpy as jnp
+    if jax.process_count() > 1:
+      return self._call_multiprocess(batch)
     return jnp.asarray(self.submit(batch).result(), jnp.float32)
+
+  def _call_multiprocess(self, batch):
+    """Multi-host: every process calls with the same global batch (the trainer's contract). Each process sends only
+    its own contiguous share of the rows, the shares are all-gathered, and every process returns the same (B,)
+    scores, as a replicated global array on the images' mesh. A failure on any process fails the call on every
+    process after the gather (no process waits forever, and no process trains on a partial reward)."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import multihost_utils
+
+    from normguard_jax.parallel import distributed
+    images = distributed.host_array(batch.images)  # the whole batch on every host (all-gathered when sharded)
+    n, procs, me = images.shape[0], jax.process_count(), jax.process_index()
+    per = -(-n // procs)
+    lo, hi = min(me * per, n), min((me + 1) * per, n)
+    prompts = None if batch.prompts is None else list(batch.prompts)
+    buf = np.zeros((per + 1,), np.float32)
+    error = None
+    if hi > lo:
+      try:
+        share = types.SimpleNamespace(images=images[lo:hi], prompts=None if prompts is None else prompts[lo:hi])
+        buf[:hi - lo] = self.submit(share).result()
+      except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes know
+        error = e
+    buf[-1] = 0.0 if error is not None else 1.0
+    gathered = np.asarray(multihost_utils.process_allgather(buf))  # (processes, per + 1)
+    failed = [p for p in range(procs) if gathered[p, -1] != 1.0]
+    if error is not None:
+      raise error
+    if failed:
+      raise RemoteRewardError(f"remote reward {self.name!r}: scoring failed on process(es) {failed} (their logs "
+                              "name the cause); this process's share succeeded")
+    scores = gathered[:, :per].reshape(-1)[:n]
+    sharding = getattr(batch.images, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.device_put(scores, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    return jnp.asarray(scores)
 
   def close(self):
     self._pool.shutdown(wait=False, cancel_futures=True)
