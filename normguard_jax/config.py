@@ -111,6 +111,8 @@ def _validate_digits(cfg):
                       ("eval.samples_per_class", cfg.eval.samples_per_class)]:
     _check(isinstance(field, int) and field >= 1, name, f"must be an integer >= 1, got {field!r}")
   _check(cfg.pretrain.steps >= 0, "pretrain.steps", "must be >= 0")
+  _check("://" not in str(cfg.pretrain.get("cache_dir", "")), "pretrain.cache_dir",
+         "must be a path (mount an object-store bucket with gcsfuse at the same path on every host)")
   _check(cfg.pretrain.t_sampler in ("uniform", "logit_normal"), "pretrain.t_sampler",
          "expected 'uniform' or 'logit_normal'")
   _check(0 <= cfg.pretrain.cfg_dropout < 1, "pretrain.cfg_dropout", "must be in [0, 1)")

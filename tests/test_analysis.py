@@ -207,6 +207,10 @@ def test_loader_errors_are_clear(smoke_workdir, tmp_path):
   with pytest.raises(workdir_lib.WorkdirError, match="does not exist"):
     workdir_lib.load_workdir(str(tmp_path / "nope"))
   assert cli.main(["evaluate", "--workdir", str(tmp_path / "nope")]) == 2
+  assert cli.main(["evaluate", "--workdir", "gs://bucket/run"]) == 2
+  with pytest.raises(config_lib.ConfigError, match="gcsfuse"):
+    from normguard_jax.train import loop
+    loop.prepare_workdir("gs://bucket/run")
   copy = tmp_path / "w"
   shutil.copytree(smoke_workdir, copy, ignore=shutil.ignore_patterns("analysis"))
   ckpts = copy / "runs" / "nft_ng" / "checkpoints"

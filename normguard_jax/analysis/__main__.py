@@ -84,6 +84,9 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns on every read-only manager
   from normguard_jax.analysis import workdir as workdir_lib
+  if "://" in args.workdir:
+    print(f"error: --workdir {args.workdir!r}: mount the bucket (gcsfuse) and pass its local path", file=sys.stderr)
+    return 2
   workdir = os.path.abspath(os.path.expanduser(args.workdir))
   out = os.path.abspath(args.out or os.path.join(workdir, "analysis", args.command))
   runs = _csv(args.runs)

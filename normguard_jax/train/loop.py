@@ -91,8 +91,19 @@ def _place_rows(tree, mesh):
   return jax.device_put(tree, sh)
 
 
+def require_local_path(path, what):
+  """Workdirs and caches are POSIX paths (metrics are appended, checkpoints moved aside): an object-store URL is a
+  ConfigError that says to mount the bucket (gcsfuse; launch/tpu_pod.sh does it) at the same path on every host."""
+  if "://" in str(path):
+    scheme, _, rest = str(path).partition("://")
+    raise config_lib.ConfigError(
+        f"{what} {path!r}: {scheme}:// URLs are not opened directly; mount the bucket at the same path on every host "
+        f"(gcsfuse; `launch/tpu_pod.sh train` mounts gs://BUCKET at /gcs/BUCKET) and pass /gcs/{rest}")
+  return path
+
+
 def prepare_workdir(workdir):
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = os.path.abspath(os.path.expanduser(require_local_path(workdir, "--workdir")))
   parent = os.path.dirname(workdir)
   if not os.path.isdir(parent):
     raise config_lib.ConfigError(f"workdir parent {parent!r} does not exist; create it or pick another --workdir")
