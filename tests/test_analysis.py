@@ -246,13 +246,20 @@ def test_cli_evaluate(smoke_workdir):
 
 def test_cli_rescale(smoke_workdir, tmp_path):
   out = tmp_path / "rescale"
-  assert cli.main(["rescale", "--workdir", str(smoke_workdir), "--out", str(out), "--per-class", "1",
-                   "--steps", "2"]) == 0
+  args = ["rescale", "--workdir", str(smoke_workdir), "--per-class", "4", "--steps", "2"]
+  assert cli.main(args + ["--out", str(out)]) == 0
   res = _outputs(out, "rescale.json", "rescale.png")
   r = res["runs"]["nft_ng"]
   assert r["rescaled"]["max_abs_drive_rho_minus_1"] < 1e-5
   np.testing.assert_allclose(r["rescaled"]["drive_over_ref_per_step"], 1.0, rtol=1e-5)
   assert set(res["methods"]["nft"]) >= {"normguard", "normguard_rescaled", "summary"}
+  # --shard: params placed by the rules table over the 8 test devices (fsdp=8), 40 rows split 8 ways; same numbers
+  assert cli.main(args + ["--out", str(tmp_path / "sharded"), "--shard"]) == 0
+  sharded = json.loads((tmp_path / "sharded" / "rescale.json").read_text())
+  for variant in ("policy", "rescaled"):
+    a, b = res["runs"]["nft_ng"][variant], sharded["runs"]["nft_ng"][variant]
+    for key in ("reward", "mean_rho", "class_conf", "frechet"):
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=f"{variant} {key}")
 
 
 def test_cli_adjoint(smoke_workdir):

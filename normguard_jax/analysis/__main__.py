@@ -47,6 +47,10 @@ def _parser():
                     help="held-out samples per condition: per class (digits) or per eval prompt (text tasks)")
     sp.add_argument("--allow-unfinished", action="store_true",
                     help="analyse the newest checkpoint of runs that have not finished")
+    sp.add_argument("--shard", action="store_true",
+                    help="place params by the rules table over all devices (config.mesh sizes; --set mesh.* to "
+                         "change) for models that do not fit one device; on a pod run the same command on every "
+                         "host (jax.distributed as in training)")
 
   sp = sub.add_parser("evaluate", help="held-out eval at several step counts, CFG off/on, norm diagnostics")
   model_args(sp, 10)
@@ -106,7 +110,11 @@ def main(argv=None):
             f"{ {p: len(s['unmapped']) for p, s in result['sources'].items()} }")
     else:
       from normguard_jax.analysis import quality as quality_lib
-      wd = workdir_lib.load_workdir(workdir, runs=runs, require_done=not args.allow_unfinished, overrides=args.set)
+      if args.shard:
+        from normguard_jax.parallel import distributed
+        distributed.maybe_initialize()
+      wd = workdir_lib.load_workdir(workdir, runs=runs, require_done=not args.allow_unfinished, overrides=args.set,
+                                    shard=args.shard)
       quality = quality_lib.for_task(wd.task, int(wd.cfg.seed))
       if args.command == "evaluate":
         from normguard_jax.analysis import evaluate

@@ -162,6 +162,7 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=4, num_steps=None, cfg_sc
   grid = sampling.grid_for_task(task, cfg, num_steps)
   x1, cond, prompts = sampling.eval_inputs(task, cfg, per_class, seed_offset=999)
   uncond = task.uncond(cond) if cfg_scale != 1.0 else None
+  x1, cond, uncond = wd.place(x1), wd.place(cond), wd.place(uncond)
   batch = int(x1.shape[0])
   reward_fn = common.reward_fn_for(cfg)
   decode_fn, dec_params = task.decoder()
@@ -181,21 +182,22 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=4, num_steps=None, cfg_sc
       fns[mcfg] = _compiled(wd.velocity_apply(mcfg), reward_fn, decode_fn, prompts)
     sens, rew = fns[mcfg]
     with jax.default_matmul_precision("highest"):
-      r, g = sens(variables, dec_params, x1, cond, uncond, grid, scale)
-      entry = {"reward": float(jnp.mean(r)), **coherence_stats(g, alpha)}
+      r, g = common.host(sens(variables, dec_params, x1, cond, uncond, grid, scale))
+      entry = {"reward": float(np.mean(r)), **coherence_stats(g, alpha)}
       if fd_steps:
         ks = np.unique(np.linspace(0, num_steps - 1, min(fd_steps, num_steps)).round().astype(int)).tolist()
         errs = {}
         for h in fd_h:
           fd = finite_differences(lambda e: rew(variables, dec_params, e, x1, cond, uncond, grid, scale), num_steps,
                                   batch, h=h, steps=ks)
-          errs[f"{h:g}"] = relative_error(np.asarray(g)[ks], fd)
+          errs[f"{h:g}"] = relative_error(np.asarray(g)[ks], common.host(fd))
         entry["fd_check"] = {"steps": ks, "rel_error_by_h": errs, "rel_error": min(errs.values()),
                              "g_rms": float(np.sqrt(np.mean(np.square(np.asarray(g)[ks]))))}
     entry["g"] = np.asarray(g).tolist()
     result["models"][name] = entry
   common.write_json(f"{out_dir}/adjoint.json", result)
-  _plot(result, f"{out_dir}/adjoint.png")
+  if common.is_main():
+    _plot(result, f"{out_dir}/adjoint.png")
   return result
 
 

@@ -15,21 +15,33 @@ def reward_fn_for(cfg):
   return make_reward(dict(cfg.reward.terms), config_lib.reward_options(cfg))
 
 
+def host(tree):
+  """Device values (possibly sharded over several hosts) as numpy arrays on every process."""
+  import jax
+  from normguard_jax.parallel import distributed
+  return jax.tree_util.tree_map(distributed.host_array, tree)
+
+
+def is_main():
+  """Process 0 writes the JSON, plots and samples; every process computes (multi-host --shard)."""
+  import jax
+  return jax.process_index() == 0
+
+
 def score(images, cond, prompts, reward_fn, quality):
   """Mean reward (total and each term) and the quality proxies of a decoded sample set (pixels in [-1, 1])."""
-  import jax
   from normguard_jax.rewards.api import RewardBatch
   total, parts = reward_fn(RewardBatch(images, cond, prompts))
-  out = {"reward": float(np.mean(np.asarray(total))),
-         **{f"reward_{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()}}
+  total, parts = host((total, parts))
+  out = {"reward": float(np.mean(total)), **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()}}
   if quality is not None:
-    out.update(quality(np.asarray(images), jax.tree_util.tree_map(np.asarray, cond)))
+    out.update(quality(host(images), host(cond)))
   return out
 
 
 def per_step(a):
   """(K, B) -> per-step batch means as a list."""
-  return np.asarray(a, np.float64).mean(axis=1).tolist()
+  return np.asarray(host(a), np.float64).mean(axis=1).tolist()
 
 
 def _clean(obj):
@@ -52,7 +64,9 @@ def _clean(obj):
 
 
 def write_json(path, obj):
-  """JSON with numpy/jax values converted; non-finite floats written as null."""
+  """JSON with numpy/jax values converted; non-finite floats written as null. Process 0 only."""
+  if not is_main():
+    return path
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(_clean(obj), f, indent=2)

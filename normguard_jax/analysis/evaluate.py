@@ -52,6 +52,7 @@ def hinge_statistics(rows):
 
 
 def _norm_stats(ro, prefix):
+  ro = common.host({k: ro[k] for k in ("rho", "cos", "norm", "norm_ref")})
   rho = np.asarray(ro["rho"], np.float64)
   return {f"{prefix}rho_per_step": rho.mean(1).tolist(), f"{prefix}mean_rho": float(rho.mean()),
           f"{prefix}inflation": float(rho.mean() - 1.0), f"{prefix}max_step_rho": float(rho.mean(1).max()),
@@ -68,8 +69,8 @@ def save_samples(path, images, cond, prompts):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   extra = {"prompts": np.asarray(prompts, dtype=str)} if prompts is not None else {}
   if prompts is None and np.ndim(cond) == 1:
-    extra["labels"] = np.asarray(cond)
-  np.savez_compressed(path, images=http.to_uint8(np.asarray(images)), **extra)
+    extra["labels"] = common.host(cond)
+  np.savez_compressed(path, images=http.to_uint8(common.host(images)), **extra)
   return path
 
 
@@ -97,10 +98,11 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
   cfg, task = wd.cfg, wd.task
   settings, train_steps = settings_for(cfg, steps, cfg_scales)
   x1, cond, prompts = sampling.eval_inputs(task, cfg, per_class)
+  x1, cond = wd.place(x1), wd.place(cond)
   uncond, skipped = None, None
   if any(c != 1.0 for _, c in settings):
     if task.cfg_available():
-      uncond = task.uncond(cond)
+      uncond = wd.place(task.uncond(common.host(cond)))
     elif require_cfg:
       task.uncond(cond)  # raises the task's error, which names the missing files
     else:
@@ -132,9 +134,10 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
     images = task.decode(ro["x0"])
     e = {"num_steps": num_steps, "cfg_scale": scale, **common.score(images, cond, prompts, reward_fn, quality),
          **_norm_stats(ro, "own_")}
-    if (num_steps, scale) == headline:
-      save_samples(os.path.join(out_dir, "samples", f"{name}.npz"), images, cond, prompts)
-      task.sample_grid(images, cond, prompts, os.path.join(out_dir, "samples", f"{name}.png"),
+    if (num_steps, scale) == headline and common.is_main():
+      images_host, cond_host = common.host((images, cond))
+      save_samples(os.path.join(out_dir, "samples", f"{name}.npz"), images_host, cond_host, prompts)
+      task.sample_grid(images_host, cond_host, prompts, os.path.join(out_dir, "samples", f"{name}.png"),
                        f"{name}: held-out samples, {num_steps} steps, cfg {scale:g}")
     if reference_trajectory and run_model is not None:
       e.update(_norm_stats(sampling.paired_sample_jit(variables, wd.ref_variables, x1, cond, grid,
@@ -156,7 +159,8 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
       result["table"].setdefault(key, {})[name] = {
           k: e.get(k) for k in ("reward", *result["settings"]["quality_labels"], "own_mean_rho", "reftraj_mean_rho")}
   common.write_json(os.path.join(out_dir, "evaluate.json"), result)
-  _plot(result, out_dir)
+  if common.is_main():
+    _plot(result, out_dir)
   return result
 
 

@@ -33,6 +33,7 @@ def sample_rescaled(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_
 
 def _entry(ro, task, cond, prompts, reward_fn, quality):
   out = common.score(task.decode(ro["x0"]), cond, prompts, reward_fn, quality)
+  ro = common.host({k: ro[k] for k in ("rho", "norm_drive", "norm_ref", "cos")})
   out.update(rho_per_step=common.per_step(ro["rho"]), mean_rho=float(np.mean(np.asarray(ro["rho"]))),
              drive_over_ref_per_step=common.per_step(np.asarray(ro["norm_drive"]) / np.asarray(ro["norm_ref"])),
              cos_per_step=common.per_step(ro["cos"]))
@@ -47,6 +48,7 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, num_steps=None, cfg_s
   grid = sampling.grid_for_task(task, cfg, num_steps)
   x1, cond, prompts = sampling.eval_inputs(task, cfg, per_class)
   uncond = task.uncond(cond) if cfg_scale != 1.0 else None  # the task's error names a missing negative prompt
+  x1, cond, uncond = wd.place(x1), wd.place(cond), wd.place(uncond)
   reward_fn = common.reward_fn_for(cfg)
   ref_apply = wd.velocity_apply(wd.ref_model_cfg)
   kw = dict(ref_apply=ref_apply, cfg_scale=cfg_scale, uncond=uncond)
@@ -64,8 +66,8 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, num_steps=None, cfg_s
                                     policy_apply=wd.velocity_apply(r.model_cfg), drive=drive, **kw)
     e = score(ro)
     if drive == "rescaled":
-      e["max_abs_drive_rho_minus_1"] = float(np.max(np.abs(np.asarray(ro["norm_drive"]) /
-                                                           np.asarray(ro["norm_ref"]) - 1.0)))
+      n_drive, n_ref = common.host((ro["norm_drive"], ro["norm_ref"]))
+      e["max_abs_drive_rho_minus_1"] = float(np.max(np.abs(n_drive / n_ref - 1.0)))
     result["runs"].setdefault(r.name, {"normguard": r.normguard, "method": r.method})[drive] = e
 
   for method, pair in wd.pairs().items():
@@ -83,7 +85,8 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, num_steps=None, cfg_s
     result["methods"][method] = row
 
   common.write_json(f"{out_dir}/rescale.json", result)
-  _plot(result, f"{out_dir}/rescale.png", [k for k in quality_lib.labels_for(task) if k != "nn_dist"][:3])
+  if common.is_main():
+    _plot(result, f"{out_dir}/rescale.png", [k for k in quality_lib.labels_for(task) if k != "nn_dist"][:3])
   return result
 
 

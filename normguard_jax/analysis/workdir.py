@@ -60,9 +60,22 @@ class Workdir:
   ref_params: Any
   runs: Dict[str, RunModel]
   task: Any = None               # the job's task (tasks/__init__.py), built from cfg
+  mesh: Any = None               # None: one device; else params placed by the rules table over this mesh
 
   def velocity_apply(self, model_cfg):
     return velocity_apply(self.task, model_cfg)
+
+  def place(self, tree):
+    """Analysis inputs (noise, conditions): rows over the mesh's (data, fsdp) axes when they divide evenly, else
+    replicated; unchanged without a mesh. Every process passes the same value."""
+    if self.mesh is None or tree is None:
+      return tree
+    from normguard_jax.parallel import rules, sharding
+    rows = jax.tree_util.tree_leaves(tree)[0].shape[0]
+    split = rows % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, rules.batch_sharding(self.mesh, a.ndim) if split else
+                                 sharding.replicated(self.mesh)), tree)
 
   @property
   def ref_variables(self):
@@ -151,11 +164,16 @@ def _steps(ckpt_dir):
                 if n.isdigit() and os.path.isfile(os.path.join(ckpt_dir, n, "_CHECKPOINT_METADATA")))
 
 
-def restore_checkpoint(ckpt_dir, step=None):
-  """Restore one checkpoint (the newest by default) onto the first local device. Returns (step, state dict, meta).
+ANALYSIS_KEYS = ("step", "trainable", "frozen")  # what the analysis needs: not the optimizer state or old params
 
-  The restore target is built from the checkpoint's own array metadata (shape, dtype) with a single-device
-  sharding, so a checkpoint saved on N devices or another mesh restores here."""
+
+def restore_checkpoint(ckpt_dir, step=None, mesh=None, keys=ANALYSIS_KEYS):
+  """Restore the ``keys`` of one checkpoint's state (the newest by default). Returns (step, state dict, meta).
+
+  The restore target is built from the checkpoint's own array metadata (shape, dtype), so a checkpoint saved on N
+  devices or another mesh restores here: onto the first local device, or with ``mesh`` placed by the rules table
+  (parallel/rules.py: FSDP/TP over the mesh, as in training). Only ``keys`` are read (an orbax partial restore): the
+  Adam moments and the old/EMA params, as large as the policy, stay on disk."""
   import orbax.checkpoint as ocp
   if not os.path.isdir(ckpt_dir):
     raise WorkdirError(f"no checkpoint folder {ckpt_dir}")
@@ -164,24 +182,37 @@ def restore_checkpoint(ckpt_dir, step=None):
     raise WorkdirError(f"{ckpt_dir} holds no finished checkpoint (the run has not saved yet, or every save was "
                        "interrupted); --runs picks the runs to analyse")
   step = steps[-1] if step is None else step
-  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta"), item_handlers=handlers,
                                options=ocp.CheckpointManagerOptions(create=False, read_only=True))
   try:
     md = mngr.item_metadata(step)["state"]
-    tree = getattr(md, "tree", md)
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    tree = dict(getattr(md, "tree", md))
+    missing = [k for k in keys if k not in tree]
+    if missing:
+      raise WorkdirError(f"checkpoint {ckpt_dir}/{step} has no {missing} (keys: {sorted(tree)}): not a train state")
     is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-    target = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding) if is_array(x) else x, tree,
-        is_leaf=is_array)
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                     meta=ocp.args.JsonRestore()))
+    sds = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) if is_array(x) else x,
+                                 {k: tree[k] for k in keys}, is_leaf=is_array)
+    if mesh is None:
+      one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree_util.tree_map(lambda _: one, sds)
+    else:
+      from normguard_jax.parallel import rules
+      shardings = rules.tree_shardings(sds, mesh)
+    target = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), sds,
+                                    shardings)
+    restore_args = jax.tree_util.tree_map(lambda sh: ocp.ArrayRestoreArgs(sharding=sh), shardings)
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+  except WorkdirError:
+    raise
   except Exception as e:
     raise WorkdirError(f"checkpoint {ckpt_dir}/{step} does not restore: {type(e).__name__}: {e}") from e
   finally:
     mngr.close()
-  return step, out.state, dict(out.meta or {})
+  return step, dict(out.state), dict(out.meta or {})
 
 
 def _is_lora(trainable):
@@ -189,10 +220,10 @@ def _is_lora(trainable):
   return bool(paths) and all("lora_" in p for p in paths)
 
 
-def load_run(workdir, name, cfg, task, require_done=True):
+def load_run(workdir, name, cfg, task, require_done=True, mesh=None):
   """-> (RunModel, reference params of that run: its state's ``frozen`` field)."""
   ckpt_dir = os.path.join(workdir, "runs", name, "checkpoints")
-  step, state, meta = restore_checkpoint(ckpt_dir)
+  step, state, meta = restore_checkpoint(ckpt_dir, mesh=mesh)
   done = bool(meta.get("done"))
   if require_done and not done:
     raise WorkdirError(f"run {name!r} in {workdir} is unfinished: its newest checkpoint ({step}) is not the final "
@@ -204,13 +235,15 @@ def load_run(workdir, name, cfg, task, require_done=True):
   variables = {"params": state["frozen"], "lora": state["trainable"]} if lora else {"params": state["trainable"]}
   result = meta.get("result") or {}
   return RunModel(name=name, method=meta.get("method"), normguard=meta.get("normguard"), lora=lora, step=step,
-                  iteration=int(np.asarray(state["step"])), done=done, status=result.get("status"),
+                  iteration=int(np.asarray(state["step"].addressable_data(0))), done=done, status=result.get("status"),
                   model_cfg=mcfg, variables=variables,
                   meta={k: v for k, v in meta.items() if k not in ("samples", "history")}), state["frozen"]
 
 
-def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True, overrides=()):
-  """Load config, task, reference params and every (or the named) run's final policy variables."""
+def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True, overrides=(), shard=False):
+  """Load config, task, reference params and every (or the named) run's final policy variables. ``shard``: place
+  params by the rules table over a mesh of all devices (``config.mesh`` sizes, as in training; ``--set mesh.*``
+  to change them), for models that do not fit one device; on several hosts every host runs the same command."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   cfg = load_config(workdir, overrides)
   names = _ordered(run_names(workdir), cfg)
@@ -223,9 +256,17 @@ def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True, o
     raise WorkdirError(f"{workdir} has no RL run checkpoints under runs/<name>/checkpoints: the job has not "
                        "finished a run yet")
   task = make_task(cfg, workdir)
+  mesh = None
+  if shard:
+    from normguard_jax.parallel import mesh as mesh_lib
+    try:
+      mesh = mesh_lib.make_mesh(cfg.get("mesh"))
+    except ValueError as e:
+      raise WorkdirError(f"--shard: config.mesh {dict(cfg.get('mesh') or {})} does not fit the {jax.device_count()} "
+                         f"devices here ({e}); change it with --set mesh.fsdp=-1 --set mesh.data=1 ...") from e
   loaded, ref_params = {}, None
   for name in names:
-    run, ref = load_run(workdir, name, cfg, task, require_done=require_done)
+    run, ref = load_run(workdir, name, cfg, task, require_done=require_done, mesh=mesh)
     if ref_params is None:
       ref_params = ref
     else:
@@ -233,8 +274,11 @@ def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True, o
       if not same:
         log.warning("run %s has different frozen (reference) params from the first run; using the first", name)
     loaded[name] = run
+  if mesh is not None:
+    from normguard_jax.parallel import sharding
+    task.place_decoder(sharding.replicated(mesh))
   return Workdir(path=workdir, cfg=cfg, ref_model_cfg=task.model_config(0), ref_params=ref_params, runs=loaded,
-                 task=task)
+                 task=task, mesh=mesh)
 
 
 def read_metrics(path):

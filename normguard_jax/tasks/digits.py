@@ -91,6 +91,10 @@ class DigitsTask:
     return None
 
   @staticmethod
+  def place_decoder(sharding):
+    del sharding  # no params
+
+  @staticmethod
   def decoder():
     """Pixels are the samples: the identity as ``decode_fn(params, z)``, no params."""
     return (lambda params, z: z), None

@@ -84,6 +84,10 @@ class TextToImageTask:
   def _decode_fn(self, params, z):
     return self.vae_decode(params, z, self.vae_cfg)
 
+  def place_decoder(self, sharding):
+    """Put the VAE params on ``sharding`` (replicated over the analysis mesh)."""
+    self._vae_params = jax.device_put(self.load_decoder(), sharding)
+
   def decoder(self):
     """-> (decode_fn(params, z) -> pixels, params): the VAE decoder as a pure function (differentiable, for the
     adjoint analysis) and its params."""
