@@ -88,6 +88,7 @@ def _analysis_commands_run_on_the_workdir(work, assets):
   assert ok("evaluate", "--steps", "2", "--cfg-scale", "2")
   ev = json.loads((work / "analysis" / "evaluate" / "evaluate.json").read_text())
   assert ev["settings"]["task"] == "sd3" and ev["settings"]["samples"] == 2 and ev["settings"]["cfg_skipped"] is None
+  assert ev["settings"]["held_out_prompts"] is False  # the recipe's eval split is the training split
   for name in ("reference", "nft_ng"):
     cells = {(e["num_steps"], e["cfg_scale"]): e for e in ev["models"][name]["settings"]}
     assert set(cells) == {(2, 1.0), (2, 2.0)}

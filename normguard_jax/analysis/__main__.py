@@ -83,6 +83,13 @@ def _parser():
   return p
 
 
+def _say(*args, **kw):
+  """print on process 0 only (every host runs the command under --shard on a pod)."""
+  import jax
+  if jax.process_index() == 0:
+    print(*args, **kw)
+
+
 def main(argv=None):
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -106,7 +113,7 @@ def main(argv=None):
           raise SystemExit(f"error: --map {item!r} is not foreign=ours")
         user_map[k] = v
       result = compare.run(workdir, out, args.torch, runs=runs, user_map=user_map, x=args.x, label=args.label)
-      print(f"compare: {len(result['metrics'])} mapped metric(s); unmapped: "
+      _say(f"compare: {len(result['metrics'])} mapped metric(s); unmapped: "
             f"{ {p: len(s['unmapped']) for p, s in result['sources'].items()} }")
     else:
       from normguard_jax.analysis import quality as quality_lib
@@ -125,13 +132,13 @@ def main(argv=None):
                               require_cfg=args.cfg_scale is not None)
         head = result["table"].get(result["settings"]["headline"], {})
         for name, row in head.items():
-          print(f"{name:>12}: " + " ".join(f"{k} {v:.4g}" if v is not None else f"{k} -" for k, v in row.items()))
+          _say(f"{name:>12}: " + " ".join(f"{k} {v:.4g}" if v is not None else f"{k} -" for k, v in row.items()))
       elif args.command == "rescale":
         from normguard_jax.analysis import rescale
         result = rescale.run(wd, out, per_class=args.per_class, num_steps=args.steps, cfg_scale=args.cfg_scale,
                              quality=quality)
         for m, row in result["methods"].items():
-          print(m, {k: {v: round(x, 4) for v, x in d.items()} for k, d in row["summary"].items()
+          _say(m, {k: {v: round(x, 4) for v, x in d.items()} for k, d in row["summary"].items()
                     if k in ("reward", "class_conf", "out_of_range", "mean_rho")})
       else:
         from normguard_jax.analysis import adjoint
@@ -140,7 +147,7 @@ def main(argv=None):
                              include_reference=not args.no_reference)
         for name, e in result["models"].items():
           g = e["global_scale"]
-          print(f"{name:>12}: coherent steps {e['coherent_steps']}/{e['num_steps']}, global dR/d alpha mean "
+          _say(f"{name:>12}: coherent steps {e['coherent_steps']}/{e['num_steps']}, global dR/d alpha mean "
                 f"{g['mean']:.4g} (std {g['std']:.3g}, p_t {g['p_t']:.3g}), fd rel err "
                 f"{e.get('fd_check', {}).get('rel_error', float('nan')):.2e}")
   except workdir_lib.WorkdirError as e:
@@ -149,7 +156,7 @@ def main(argv=None):
   except (FileNotFoundError, _scalar_log_error()) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"{args.command}: wrote {out} in {time.time() - t0:.1f} s")
+  _say(f"{args.command}: wrote {out} in {time.time() - t0:.1f} s")
   return 0
 
 

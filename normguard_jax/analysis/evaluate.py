@@ -115,10 +115,15 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
   models = [("reference", ref_apply, wd.ref_variables, None)] + [
       (r.name, wd.velocity_apply(r.model_cfg), r.variables, r) for r in wd.runs.values()]
   rows = int(x1.shape[0])
+  held_out = None if task.name == "digits" else bool(cfg.data.get("eval_split", ""))  # digits: all classes
+  if held_out is False:
+    log.warning("evaluate: data.eval_split is empty, so the eval prompts are training prompts (not held out); pass "
+                "--set data.eval_split=SPLIT for a held-out split of data.embeddings_dir")
   result = {"settings": {"steps": sorted({s for s, _ in settings}), "cfg_scales": sorted({c for _, c in settings}),
                          "train_steps": train_steps, "shift": float(cfg.rollout.shift),
                          "mu": getattr(task, "grid_mu", None), "task": task.name, "samples": rows,
                          "per_condition": int(per_class), "eval_key": "seed + 777 (held out)",
+                         "held_out_prompts": held_out,
                          "cfg_skipped": skipped, "quality_labels": quality_labels(task, quality)},
             "models": {}}
   steps_done, scales_done = result["settings"]["steps"], result["settings"]["cfg_scales"]
