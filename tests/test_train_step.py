@@ -128,6 +128,7 @@ def test_microbatched_step_equals_one_big_batch(method):
   for k in ("loss", "base_loss", "ng_penalty", "ng_mean_rho", "grad_norm"):
     np.testing.assert_allclose(many[k], one[k], rtol=2e-5, atol=1e-7, err_msg=k)
   for a, b in zip(jax.tree_util.tree_leaves(many_st.trainable), jax.tree_util.tree_leaves(one_st.trainable)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # DPO's beta = 100 scales summation-order noise
+    # DPO's beta = 100 scales fp32 summation-order noise (1.7e-6 on one of 256 entries seen on an AMD EPYC CPU)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 if method == "nft" else 5e-6)
   with pytest.raises(ValueError, match="microbatches"):
     step_lib.split_microbatches(batch, 5)
