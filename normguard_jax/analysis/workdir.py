@@ -70,12 +70,8 @@ class Workdir:
     replicated; unchanged without a mesh. Every process passes the same value."""
     if self.mesh is None or tree is None:
       return tree
-    from normguard_jax.parallel import rules, sharding
-    rows = jax.tree_util.tree_leaves(tree)[0].shape[0]
-    split = rows % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0
-    return jax.tree_util.tree_map(
-        lambda a: jax.device_put(a, rules.batch_sharding(self.mesh, a.ndim) if split else
-                                 sharding.replicated(self.mesh)), tree)
+    from normguard_jax.train import loop  # the trainer's placement of rollout rows
+    return loop._place_rows(tree, self.mesh)
 
   @property
   def ref_variables(self):
