@@ -52,35 +52,63 @@ def test_two_processes_equal_one_process(tmp_path):
   np.testing.assert_allclose(b["lora_sum"], a["lora_sum"], rtol=1e-6)
 
 
-def _train_cmd(workdir, cache):
+def _train_cmd(workdir, cache, iterations):
   # normguard.margin > 0: at iteration 1 the LoRA policy equals the reference, rho is 1 up to float noise, and a
   # zero-margin hinge would switch on per row by that noise (which differs between device layouts).
   return [sys.executable, "-m", "normguard_jax.train", "--config", "configs/tiny_digits.py:smoke",
           "--workdir", str(workdir), "--config.rl.methods=nft", "--config.rl.normguard=on",
-          "--config.normguard.margin=0.001", "--config.pretrain.steps=10", "--config.rl.iterations=2",
+          "--config.normguard.margin=0.001", "--config.pretrain.steps=10", f"--config.rl.iterations={iterations}",
           "--config.eval.samples_per_class=1", f"--config.pretrain.cache_dir={cache}", "--config.mesh.data=2",
-          "--config.mesh.fsdp=2"]
+          "--config.mesh.fsdp=2", "--config.checkpoint.every=3", "--config.eval.every=4"]
 
 
-def test_two_hosts_run_the_tiny_recipe_like_one(tmp_path):
-  """The main job itself on two processes x 2 CPU devices equals one process x 4 devices (same mesh)."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _launch(repo, cmd, devices, rank=None, port=None):
+  env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if rank is not None:
+    env.update(NORMGUARD_COORDINATOR=f"127.0.0.1:{port}", NORMGUARD_NUM_PROCESSES="2", NORMGUARD_PROCESS_ID=str(rank))
+  return subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _two_hosts(repo, cmd):
   port = str(_free_port())
-  base = dict(_env(), JAX_PLATFORMS="cpu")
-  single = subprocess.Popen(_train_cmd(tmp_path / "single", tmp_path / "c1"), cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
-  multi = [subprocess.Popen(_train_cmd(tmp_path / "multi", tmp_path / "c2"), cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                                     NORMGUARD_COORDINATOR=f"127.0.0.1:{port}", NORMGUARD_NUM_PROCESSES="2",
-                                     NORMGUARD_PROCESS_ID=str(i))) for i in range(2)]
+  return [_launch(repo, cmd, 2, i, port) for i in range(2)]
+
+
+def _final_state(workdir):
+  """The latest checkpoint's train state as numpy arrays (it was written by 2 processes x 2 devices, a topology this
+  test process does not have, so no sharding is restored)."""
+  import jax
+  import orbax.checkpoint as ocp
+  d = workdir / "runs" / "nft_ng" / "checkpoints"
+  steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+  path = d / str(steps[-1]) / "state"
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path)
+  tree = getattr(tree, "item_metadata", tree)
+  tree = getattr(tree, "tree", tree)
+  as_numpy = jax.tree_util.tree_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                                    is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def test_two_hosts_run_the_tiny_recipe_like_one_and_agree_on_preemption_and_damage(tmp_path):
+  """The main job itself on two processes x 2 CPU devices equals one process x 4 devices (same mesh). Then the
+  faults of a pod: SIGTERM reaches only process 1, yet both processes save at the same iteration and exit 3; that
+  checkpoint is damaged, and on the rerun process 0 alone moves it aside, both resume from the previous one, and the
+  finished run is bit-identical to the uninterrupted two-process run."""
+  import signal
+  import time
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  iters = 10
+  single = _launch(repo, _train_cmd(tmp_path / "single", tmp_path / "c1", iters), 4)
+  multi = _two_hosts(repo, _train_cmd(tmp_path / "multi", tmp_path / "c2", iters))
   for p in [single] + multi:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
   read = lambda d: [json.loads(l) for l in (d / "runs" / "nft_ng" / "metrics.jsonl").read_text().splitlines()]
   a, b = read(tmp_path / "single"), read(tmp_path / "multi")
-  assert [l["step"] for l in a] == [l["step"] for l in b] == [0, 1, 2, 2]
+  assert [l["step"] for l in a] == [l["step"] for l in b] == [0] + list(range(1, 5)) + [4] + list(range(5, 9)) + [
+      8, 9, 10, 10]
   for la, lb in zip(a, b):
     assert set(la) == set(lb)
     for k, v in la.items():
@@ -88,4 +116,37 @@ def test_two_hosts_run_the_tiny_recipe_like_one(tmp_path):
         np.testing.assert_allclose(lb[k], v, rtol=1e-5, atol=1e-7, err_msg=f"step {la['step']} {k}")
   report = json.loads((tmp_path / "multi" / "report.json").read_text())
   assert report["runs"][0]["status"] == "ok"
-  assert (tmp_path / "multi" / "runs" / "nft_ng" / "checkpoints").is_dir()
+
+  # SIGTERM to process 1 only, once a few iterations are logged (by process 0)
+  part = tmp_path / "part"
+  procs = _two_hosts(repo, _train_cmd(part, tmp_path / "c2", iters))
+  log = part / "runs" / "nft_ng" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and procs[1].poll() is None:
+    if log.exists() and sum('"train/loss"' in l for l in log.read_text().splitlines()) >= 4:
+      break
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [3, 3], [e[-2000:] for e in errs]
+  at = [int(e.split("SIGTERM at iteration ")[1].split(";")[0]) for e in errs]
+  assert at[0] == at[1] and at[0] > 3, at  # both saved at the same iteration, after the periodic save at 3
+  ckpts = part / "runs" / "nft_ng" / "checkpoints"
+  assert (ckpts / str(at[0])).is_dir() and (ckpts / "3").is_dir()
+  for root, _, files in os.walk(ckpts / str(at[0]) / "state"):  # damage the preemption checkpoint
+    for f in files:
+      if not f.startswith("_"):
+        with open(os.path.join(root, f), "r+b") as fh:
+          fh.truncate(3)
+  procs = _two_hosts(repo, _train_cmd(part, tmp_path / "c2", iters))
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errs]
+  assert all("resumed from the checkpoint at iteration 3" in e for e in errs), [e[-2000:] for e in errs]
+  aside = [p.name for p in ckpts.iterdir() if p.name.startswith(f"{at[0]}.corrupt-")]
+  assert len(aside) == 1, sorted(p.name for p in ckpts.iterdir())  # moved aside once (by process 0), not deleted
+  import jax
+  s_full, s_part = _final_state(tmp_path / "multi"), _final_state(part)
+  for x, y in zip(jax.tree_util.tree_leaves(s_full), jax.tree_util.tree_leaves(s_part)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "train/wall_s"} for r in rows]
+  assert strip(read(tmp_path / "multi")) == strip(read(part))

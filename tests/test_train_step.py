@@ -52,9 +52,12 @@ def test_chain_lambda_equals_in_loss_penalty_for_fixed_lambda():
     vel = fused.separate_velocities(apply_fn, l, st.frozen, st.old, batch["x_t"], batch["t"], batch["cond"], lora=True)
     vel = fused.Velocities(vel.policy, jax.lax.stop_gradient(vel.ref), jax.lax.stop_gradient(vel.old))
     return nft_loss(vel, batch, NFT)[0] + lam * ng.normguard_penalty(vel.policy, vel.ref, NG)[0]
-  total, grads = jax.value_and_grad(loss)(st.trainable)
-  updates, _ = plain_tx.update(grads, plain_tx.init(st.trainable), st.trainable)
-  want = optax.apply_updates(st.trainable, updates)
+  @jax.jit
+  def plain_step(trainable):
+    total, grads = jax.value_and_grad(loss)(trainable)
+    updates, _ = plain_tx.update(grads, plain_tx.init(trainable), trainable)
+    return total, optax.apply_updates(trainable, updates)
+  total, want = plain_step(st.trainable)
   np.testing.assert_allclose(m["loss"], total, rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(new_st.trainable), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -132,3 +135,41 @@ def test_microbatched_step_equals_one_big_batch(method):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 if method == "nft" else 5e-6)
   with pytest.raises(ValueError, match="microbatches"):
     step_lib.split_microbatches(batch, 5)
+
+
+def test_full_finetuning_keeps_f32_master_weights_and_optimizer_state():
+  """Issue 12: with rl.lora_rank=0 and bf16 reference params, the trainable params, the Adam moments and the old/EMA
+  copy are float32 (the frozen reference stays bf16), so small AdamW updates are not lost to bf16 rounding."""
+  import dataclasses
+  from normguard_jax.train import programs
+  cfg = dataclasses.replace(tiny_model(0), dtype="bfloat16")
+  ref = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), randomize(dit.init(cfg, jax.random.PRNGKey(0))[
+      "params"], 1))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=1e-4))
+  setup = programs.RunSetup(method="nft", use_ng=False, lora=False, with_old=True, model_cfg=cfg,
+                            apply_fn=apply_fn_for(cfg), optimizer=tx)
+  st = programs.init_state(setup, None, ref, jax.random.PRNGKey(1))
+  dtypes = lambda tree: {x.dtype for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+  assert dtypes(st.trainable) == dtypes(st.old) == dtypes(st.opt_state) == {jnp.dtype(jnp.float32)}
+  assert dtypes(st.frozen) == {jnp.dtype(jnp.bfloat16)}
+  # ten AdamW steps at lr 1e-4 change the weights exactly as an f32 run does (in bf16 ~95% of them stayed put)
+  grads = randomize(jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), st.trainable), 5, scale=1.0)
+  f32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), ref)
+  @jax.jit
+  def ten_steps(params, opt):
+    def one(carry, _):
+      params, opt = carry
+      upd, opt = tx.update(grads, opt, params)
+      return (optax.apply_updates(params, upd), opt), None
+    return jax.lax.scan(one, (params, opt), None, length=10)[0]
+  params, _ = ten_steps(st.trainable, st.opt_state)
+  want, _ = ten_steps(f32, tx.init(f32))
+  for a, b, r in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(f32)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.mean(np.asarray(a) == np.asarray(r)) < 0.01
+  # and one real train step in bf16 compute keeps them f32
+  x, t, c = inputs(4)
+  batch = {"x_t": x, "t": t, "cond": c, "x0": x * 0.5, "eps": x, "adv": jnp.linspace(-1, 1, 4)}
+  step = step_lib.make_train_step(method="nft", apply_fn=apply_fn_for(cfg), optimizer=tx, loss_cfg=NFT, ng_cfg=NG)
+  new, metrics = step(st, batch)
+  assert dtypes(new.trainable) == {jnp.dtype(jnp.float32)} and float(metrics["skipped"]) == 0.0

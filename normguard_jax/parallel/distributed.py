@@ -64,6 +64,31 @@ def process_rows(global_batch_size):
   return i * per, (i + 1) * per
 
 
+def any_process(flag):
+  """``flag`` OR-ed over all processes, the same bool on every process. A collective: every process must call it
+  at the same point of the program (decisions that change control flow are agreed by all hosts, DESIGN.md §5)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))))
+
+
+def all_equal(value):
+  """Whether an int ``value`` is the same on every process (a collective, like :func:`any_process`)."""
+  if jax.process_count() == 1:
+    return True
+  from jax.experimental import multihost_utils
+  values = np.asarray(multihost_utils.process_allgather(np.asarray(int(value), np.int64)))
+  return bool(np.all(values == values.reshape(-1)[0]))
+
+
+def barrier(name):
+  """Wait until every process reaches this point (file-system side effects of process 0, then the others)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def host_array(x):
   """A (possibly multi-host, sharded) global array as a host numpy array on every process."""
   if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:

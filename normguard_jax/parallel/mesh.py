@@ -1,6 +1,7 @@
 """Device mesh with axes (data, fsdp, tensor) built from config (DESIGN.md §5).
 
-Sizes come from ``cfg.mesh``: ``data``, ``fsdp``, ``tensor`` (within a slice, ICI) with exactly one of them -1
+Sizes come from ``cfg.mesh``: ``num_devices`` (0 = all global devices, else the first N), ``data``, ``fsdp``,
+``tensor`` (within a slice, ICI) with exactly one of them -1
 to absorb the remaining devices, and ``dcn_data``, ``dcn_fsdp``, ``dcn_tensor`` (across slices, DCN; default 1)
 for multi-slice runs, where the hybrid mesh puts the slow links on the outer axis (MaxText style).
 """
@@ -36,8 +37,15 @@ def resolve_axis_sizes(sizes, num_devices):
 
 def make_mesh(mesh_cfg=None, devices=None):
   """A ``jax.sharding.Mesh`` over ``devices`` (default: all global devices)."""
-  devices = list(jax.devices() if devices is None else devices)
   get = lambda k, d: (mesh_cfg.get(k, d) if mesh_cfg is not None else d)
+  if devices is None:
+    devices = jax.devices()
+    n = int(get("num_devices", 0))  # 0: every device; N: the first N (a single-device run on a multi-device host)
+    if n:
+      if n > len(devices):
+        raise ValueError(f"mesh: num_devices={n} but only {len(devices)} devices are available")
+      devices = devices[:n]
+  devices = list(devices)
   dcn = tuple(int(get(f"dcn_{a}", 1)) for a in AXES)
   num_slices = math.prod(dcn)
   if len(devices) % num_slices:

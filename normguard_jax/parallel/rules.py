@@ -26,6 +26,9 @@ LOGICAL_RULES = (
     ("vocab", None), ("patch", None), ("freq", None), ("out_channels", None), ("in_channels", None),
     ("text_embed", None),
     ("lora_rank", None), ("adapters", None),
+    # LoRA factors: the non-rank dim of a factor on a tensor-parallel ("mlp") dim is split over tensor and fsdp, so
+    # that under pure FSDP (tensor = 1) the factors and their Adam moments are sharded too, not replicated (issue 13)
+    ("lora_mlp", ("tensor", "fsdp")),
 )
 
 # (path-suffix regex, logical axes of the kernel/param dims, without the scanned 'layers' axis)
@@ -108,7 +111,9 @@ def param_logical_axes(path, ndim):
   for pattern, axes in PARAM_AXES:
     if re.search(pattern, probe):
       if lora:
-        axes = (axes[0], "lora_rank", "adapters") if lora.group(1) == "lora_a" else ("lora_rank", axes[1], "adapters")
+        dim = lambda a: "lora_mlp" if a == "mlp" else a
+        axes = ((dim(axes[0]), "lora_rank", "adapters") if lora.group(1) == "lora_a"
+                else ("lora_rank", dim(axes[1]), "adapters"))
       extra = ndim - len(axes)
       if extra == 1:
         return ("layers",) + tuple(axes)
@@ -165,3 +170,8 @@ def tree_shardings(tree, mesh, notes=None):
 def batch_sharding(mesh, ndim):
   """Batch arrays: leading dim over ('data', 'fsdp'), the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), (0,) * ndim, mesh))
+
+
+def current_activation_mesh():
+  """The mesh set by :func:`activation_mesh` while tracing, or None (e.g. the attention kernels' shard_map)."""
+  return _ACTIVATION_MESH.get()

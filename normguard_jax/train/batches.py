@@ -17,29 +17,50 @@ def _rows(a, reps):
   return jax.tree_util.tree_map(lambda x: jnp.concatenate([x] * reps, axis=0), a)
 
 
+def repeat_rows(a, reps):
+  """The T-fold row stacking of a batch (every sample's rows at each training timestep), for extra row fields."""
+  return _rows(a, reps)
+
+
 def _take(a, idx):
   return jax.tree_util.tree_map(lambda x: x[idx], a)
 
 
-def forward_process_batch(key, x0, cond, adv, grid, num_train_timesteps, fraction):
-  """NFT/AWM batch: x_t = (1 - t) x0 + t eps at grid timesteps drawn per sample."""
+def forward_process_batch(key, x0, cond, adv, grid, num_train_timesteps, fraction, *, rule="index_fraction",
+                          share_rows=0):
+  """NFT/AWM batch: x_t = (1 - t) x0 + t eps at sampler-grid timesteps drawn by the recipe's rule
+  (flow/schedules.sample_train_indices: index fraction, Flow-Factory's value range, official NFT's random subset,
+  ...), per sample or shared by blocks of ``share_rows`` rows. ``grid``: the rollout's grid (concrete for the
+  value-range rules)."""
   b, k = x0.shape[0], grid.shape[0] - 1
   k_idx, k_eps = jax.random.split(key)
-  idx = schedules.sample_grid_indices(k_idx, b, k, num_train_timesteps, fraction)  # (T, B)
-  t = grid[idx].reshape(-1)
+  idx = schedules.sample_train_indices(k_idx, k, grid, b, num_train_timesteps, rule=rule, fraction=fraction,
+                                       share_rows=share_rows)  # (T, B)
+  t = jnp.asarray(grid, jnp.float32)[idx].reshape(-1)
   x0_rows = _rows(x0, num_train_timesteps)
   eps = jax.random.normal(k_eps, x0_rows.shape, jnp.float32)
   return {"x0": x0_rows, "eps": eps, "t": t, "x_t": schedules.forward_noise(x0_rows, eps, t),
           "cond": _rows(cond, num_train_timesteps), "adv": _rows(adv, num_train_timesteps)}
 
 
-def dpo_batch(key, x0, cond, rewards, group_size, num_train_timesteps, t_mean, t_std):
-  """Winner/loser rows [w; l] sharing eps and t within each pair."""
-  win, lose = advantages.best_worst_pairs(rewards, group_size)
+def dpo_batch(key, x0, cond, rewards, group_size, num_train_timesteps, t_mean, t_std, *, t_clamp=0.0,
+              t_share_pairs=0, ties="next"):
+  """Winner/loser rows [w; l] sharing eps and t within each pair. t = sigmoid(N(t_mean, t_std)) (logit-normal),
+  clipped to [t_clamp, 1 - t_clamp] when ``t_clamp`` > 0 (Flow-Factory: [0.01, 0.99], utils/noise_schedule.py:
+  112-115) and shared by blocks of ``t_share_pairs`` consecutive pairs (Flow-Factory draws one t per device batch,
+  trainers/dpo.py:443-453; 0 = one t per pair). ``ties``: rl/advantages.best_worst_pairs."""
+  win, lose = advantages.best_worst_pairs(rewards, group_size, ties=ties)
   k_t, k_eps = jax.random.split(key)
   n = win.shape[0] * num_train_timesteps
   x0_w, x0_l = _rows(x0[win], num_train_timesteps), _rows(x0[lose], num_train_timesteps)
-  t = schedules.sample_train_t(k_t, (n,), "logit_normal", mean=t_mean, std=t_std)
+  draws = n // t_share_pairs if t_share_pairs else n
+  if t_share_pairs and n % t_share_pairs:
+    raise ValueError(f"dpo.t_share_pairs={t_share_pairs} does not divide the {n} pairs")
+  t = schedules.sample_train_t(k_t, (draws,), "logit_normal", mean=t_mean, std=t_std)
+  if t_share_pairs:
+    t = jnp.repeat(t, t_share_pairs)
+  if t_clamp > 0:
+    t = jnp.clip(t, t_clamp, 1.0 - t_clamp)
   eps = jax.random.normal(k_eps, x0_w.shape, jnp.float32)
   x0_rows = jnp.concatenate([x0_w, x0_l], 0)
   eps_rows, t_rows = jnp.concatenate([eps, eps], 0), jnp.concatenate([t, t], 0)

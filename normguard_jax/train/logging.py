@@ -48,6 +48,26 @@ class MetricWriter:
         if isinstance(v, float) and math.isfinite(v):
           self._tb.add_scalar(prefix + k, v, int(step))
 
+  def hparams(self, record):
+    """The run's settings (a nested dict, e.g. train.programs.recipe_record) to TensorBoard's HPARAMS and TEXT tabs."""
+    if not (self.enabled and self._tb is not None):
+      return
+    flat = {}
+    def walk(d, prefix=""):
+      for k, v in d.items():
+        if isinstance(v, dict):
+          walk(v, f"{prefix}{k}.")
+        else:
+          flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    walk(record)
+    self._tb.add_text("recipe", "\n".join(f"    {k}: {v}" for k, v in sorted(flat.items())), 0)
+    self._tb.add_hparams(flat, {}, name=".")
+
+  def image(self, step, tag, image):
+    """One image (H, W, C) float in [0, 1] to TensorBoard (e.g. an eval sample grid)."""
+    if self.enabled and self._tb is not None:
+      self._tb.add_image(tag, np.asarray(image, np.float32), int(step), dataformats="HWC")
+
   def close(self):
     if self._jsonl is not None:
       self._jsonl.close()

@@ -10,7 +10,8 @@ def normguard_transform(lam_cfg):
   if lam_cfg.kind == "schedule":
     schedule = optax.linear_schedule(0.0, lam_cfg.value, max(int(lam_cfg.warmup_steps), 1))
   return ng.normguard_lambda(lam_cfg.kind, lam_cfg.value, schedule=schedule, dual_lr=lam_cfg.dual_lr,
-                             target=lam_cfg.target, lambda_max=lam_cfg.lambda_max)
+                             target=lam_cfg.target, lambda_max=lam_cfg.lambda_max,
+                             excess=lam_cfg.get("excess", "hinge"))
 
 
 def make_optimizer(rl_cfg, ng_cfg=None):

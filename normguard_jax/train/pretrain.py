@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from normguard_jax.flow import schedules
 from normguard_jax.models import dit
+from normguard_jax.parallel import distributed
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def pretrain(model_cfg: dit.DiTConfig, pre_cfg, images, labels, key, writer=None
   for i in bar:
     params, opt_state, loss = step(params, opt_state, jax.random.fold_in(k_loop, i))
     losses.append(loss)
-    if guard is not None and guard.requested:
+    if guard is not None and guard.should_stop():  # agreed across hosts
       raise InterruptedError("SIGTERM during pretraining: the reference was not cached; rerun to pretrain again")
     if (i + 1) % pre_cfg.log_every == 0 or i + 1 == pre_cfg.steps:
       recent = float(np.mean(jax.device_get(losses[-pre_cfg.log_every:])))
@@ -93,14 +94,18 @@ def load_or_pretrain(model_cfg, pre_cfg, images, labels, seed, writer=None, guar
   if multi:
     abstract = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   ckptr = ocp.StandardCheckpointer()
-  if os.path.isdir(path):
+  if distributed.any_process(os.path.isdir(path)):
+    params, error = None, None
     try:
       params = ckptr.restore(path, abstract)
-      return params, {"cache": path, "cached": True}
     except Exception as e:  # a corrupt or partial cache is rebuilt, never trusted
-      log.warning("pretrain cache at %s is unreadable (%s); pretraining again", path, e)
-      if jax.process_index() == 0:
-        shutil.rmtree(path, ignore_errors=True)
+      error = e
+    if not distributed.any_process(error is not None):  # every host restored it: use it
+      return params, {"cache": path, "cached": True}
+    log.warning("pretrain cache at %s is unreadable (%s); pretraining again", path, error or "on another host")
+    if jax.process_index() == 0:
+      shutil.rmtree(path, ignore_errors=True)
+    distributed.barrier("normguard_pretrain_cache_removed")
   params = pretrain(model_cfg, pre_cfg, images, labels, jax.random.PRNGKey(seed), writer, guard)
   os.makedirs(cache_root, exist_ok=True)
   ckptr.save(path, jax.tree_util.tree_map(np.asarray, params) if multi else params)

@@ -38,15 +38,36 @@ def split_microbatches(batch, num_microbatches, *, paired=False):
   return jax.tree_util.tree_map(split, batch)
 
 
+def guided_apply(apply_fn, cfg_scale):
+  """CFG in the training forward (Flow-Factory's FLUX.2-klein trainers): the velocity of every branch is
+  v_u + w (v_c - v_u), with gradients through both; ``cond`` is then {"c": cond, "u": uncond}."""
+  from normguard_jax.flow import samplers
+
+  def apply(variables, x, t, cond, gate):
+    return samplers.cfg_combine(apply_fn(variables, x, t, cond["c"], gate), apply_fn(variables, x, t, cond["u"], gate),
+                                cfg_scale)
+  return apply
+
+
+# NormGuard statistics that are means over the hinge's unmasked rows: with microbatches they are recombined
+# weighted by each microbatch's unmasked fraction, so that they equal the whole-batch means.
+_MASKED_MEANS = ("ng_excess", "ng_gap_mean", "ng_active_frac")
+
+
 def train_step(state, batch, *, method, apply_fn, optimizer, loss_cfg, ng_cfg, strategy="split",
-               num_microbatches=1):
-  """(state, batch) -> (state, metrics). ``batch`` holds x_t, t, cond and the loss's own fields.
+               num_microbatches=1, cfg_scale=1.0):
+  """(state, batch) -> (state, metrics). ``batch`` holds x_t, t, cond and the loss's own fields (and ``uncond``
+  when ``cfg_scale`` != 1: CFG in the training forward).
 
   With ``num_microbatches`` M > 1 the gradient is the mean over M equal microbatches, accumulated in a
   ``lax.scan`` (one optimizer update, the same as one big batch up to summation order); metrics are means.
   """
   base_loss = losses_lib.BASE_LOSSES[method]
   lam = ng.current_lambda(state.opt_state)
+  if cfg_scale != 1.0:
+    apply_fn = guided_apply(apply_fn, cfg_scale)
+    batch = dict(batch, cond={"c": batch["cond"], "u": batch["uncond"]})
+    del batch["uncond"]
 
   def loss_fn(trainable, batch):
     vel = fused.fused_velocities(apply_fn, trainable, state.frozen, state.old, batch["x_t"], batch["t"],
@@ -69,10 +90,16 @@ def train_step(state, batch, *, method, apply_fn, optimizer, loss_cfg, ng_cfg, s
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
     g_sum, outs = jax.lax.scan(accumulate, zeros, micro)
     grads = jax.tree_util.tree_map(lambda g: g / num_microbatches, g_sum)
+    per_micro_ng = outs[1][3]
     total, (base, penalty, metrics, ng_metrics) = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), outs)
+    w = per_micro_ng["ng_valid_frac"]
+    ng_metrics = dict(ng_metrics, **{k: jnp.sum(per_micro_ng[k] * w) / jnp.maximum(jnp.sum(w), 1e-12)
+                                     for k in _MASKED_MEANS})
   updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable,
                                         ng_excess=ng_metrics["ng_excess"],
-                                        ng_active_frac=ng_metrics["ng_active_frac"])
+                                        ng_active_frac=ng_metrics["ng_active_frac"],
+                                        ng_gap_mean=ng_metrics["ng_gap_mean"],
+                                        ng_valid_frac=ng_metrics["ng_valid_frac"])
   trainable = optax.apply_updates(state.trainable, updates)
   finite = jnp.isfinite(total) & _all_finite(grads)
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -100,11 +127,9 @@ def make_sharded_train_step(mesh, state, **kwargs):
   ('data', 'fsdp'); metrics come back replicated. Returns (step, state_shardings, batch_sharding).
   """
   from normguard_jax.parallel import rules, sharding  # keep the single-device path import-light
+  from normguard_jax.train import programs  # the one builder: traced under the activation mesh
   state_sh = rules.tree_shardings(state, mesh)
   batch_sh = rules.batch_sharding(mesh, 1)  # a pytree prefix: applies to every batch leaf
-
-  def step(state, batch):
-    with rules.activation_mesh(mesh):  # the models pin their token streams by the rules table while tracing
-      return train_step(state, batch, **kwargs)
-  return jax.jit(step, in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,)), state_sh, batch_sh
+  step = programs.sharded_jit(functools.partial(train_step, **kwargs), mesh, in_shardings=(state_sh, batch_sh),
+                              out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  return step, state_sh, batch_sh
