@@ -38,9 +38,14 @@ Block layout: double blocks then single blocks. With ``scan_layers`` a run of >=
 ``nn.scan`` with stacked params (``double_blocks`` / ``single_blocks``); otherwise each block is its own
 module (``double_{i}`` / ``single_{i}``). :func:`block_layout` is the one source of this layout.
 
-LoRA adapters (models/lora.py, per-row gate; gate 0 = base model exactly) sit on the attention projections
-named in ``lora_targets`` (diffusers names). FLUX.1: to_q/k/v, to_out, add_q/k/v_proj, to_add_out in double
-blocks; to_q/k/v in single blocks. FLUX.2 adds the single block's fused ``to_qkv_mlp_proj`` and ``to_out``.
+LoRA adapters (models/lora.py, per-row gate; gate 0 = base model exactly) sit on the Linears that ``lora_targets``
+names as PEFT ``target_modules`` do: suffixes of diffusers module paths (models/lora.py, "targets"). LoRA-able sites
+(``FLUX1_LORA_SITES`` / ``FLUX2_LORA_SITES``): double blocks ``attn.{to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,
+add_v_proj,to_add_out}`` and the MLPs (FLUX.1 ``ff[_context].net.0.proj`` / ``.net.2``, FLUX.2
+``ff[_context].linear_in`` / ``.linear_out``); single blocks FLUX.1 ``attn.to_q/k/v``, FLUX.2 ``attn.to_qkv_mlp_proj``
+and the plain Linear ``attn.to_out`` (not matched by "attn.to_out.0"). ``LORA_PRESETS[family]``: "reference",
+Flow-Factory's default targets (``models/flux/flux1.py``:77-84, ``flux2_klein.py``:92-104), and "all_attention", our
+earlier default (every attention projection, FLUX.2's single-block ``to_out`` included; no MLP).
 """
 
 import dataclasses
@@ -54,17 +59,73 @@ import jax.numpy as jnp
 import numpy as np
 
 from normguard_jax.models import attention as attention_lib
+from normguard_jax.models import lora as lora_lib
 from normguard_jax.models import mmdit
 from normguard_jax.models.lora import LoRADense
 
-FLUX1_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-FLUX2_LORA_TARGETS = FLUX1_LORA_TARGETS + ("to_qkv_mlp_proj",)
-LORA_TARGETS = FLUX2_LORA_TARGETS  # every name either family knows
+_JOINT = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out", "to_add_out")
+_FF = {"flux": ("fc1", "fc2"), "flux2": ("linear_in", "linear_out")}  # our MLP Linears per family
+_SINGLE = {"flux": ("to_q", "to_k", "to_v"), "flux2": ("to_qkv_mlp_proj", "to_out")}  # single-block attn Linears
+_FF_LEAF = {"fc1": "net.0.proj", "fc2": "net.2"}  # mmdit.FeedForward's Linears in diffusers' FeedForward
+
+
+def site_name(kind, module, name):
+  """Diffusers path inside a ``kind`` block of our Linear ``name`` in ``module`` (attn, ff, ff_context). The single
+  FLUX.2 block's ``to_out`` is a plain Linear; the double blocks' is ``to_out.0``."""
+  if name == "to_out":
+    return f"{module}.to_out.0" if kind == "double" else f"{module}.to_out"
+  return f"{module}.{_FF_LEAF.get(name, name)}"
+
+
+def block_lora_sites(family, kind):
+  """[(diffusers path inside the block, our path inside DoubleBlock / SingleBlock)] of its LoRA-able Linears."""
+  if kind == "single":
+    return [(site_name(kind, "attn", n), ("attn", n)) for n in _SINGLE[family]]
+  out = [(site_name(kind, "attn", n), ("attn", n)) for n in _JOINT]
+  return out + [(site_name(kind, ff, n), (ff, n)) for ff in ("ff", "ff_context") for n in _FF[family]]
+
+
+def _sites(family):
+  return tuple(s for kind in ("double", "single") for s, _ in block_lora_sites(family, kind))
+
+
+_OTHER_COMMON = ("x_embedder", "context_embedder", "norm_out.linear", "proj_out")
+_OTHER_MODULES = {  # the transformers' other Linears (suffixes that would also match these are not targets)
+    "flux": _OTHER_COMMON + ("norm1.linear", "norm1_context.linear", "norm.linear", "proj_mlp") + tuple(
+        f"time_text_embed.{e}.linear_{i}" for e in ("timestep_embedder", "guidance_embedder", "text_embedder")
+        for i in (1, 2)),
+    "flux2": _OTHER_COMMON + ("double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+                              "single_stream_modulation.linear") + tuple(
+        f"time_guidance_embed.{e}.linear_{i}" for e in ("timestep_embedder", "guidance_embedder") for i in (1, 2)),
+}
+FLUX1_LORA_SITES, FLUX2_LORA_SITES = _sites("flux"), _sites("flux2")
+FLUX1_LORA_TARGETS = lora_lib.target_vocabulary(FLUX1_LORA_SITES, _OTHER_MODULES["flux"])  # accepted entries
+FLUX2_LORA_TARGETS = lora_lib.target_vocabulary(FLUX2_LORA_SITES, _OTHER_MODULES["flux2"])
+LORA_TARGETS = tuple(sorted(set(FLUX1_LORA_TARGETS) | set(FLUX2_LORA_TARGETS)))  # every entry either family accepts
+_FF_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+            "attn.add_v_proj", "attn.to_add_out")
+_ALL_ATTENTION = ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+FLUX1_LORA_PRESETS = {
+    # Flow-Factory models/flux/flux1.py:77-84 (default_target_modules): attention + double-block MLPs
+    "reference": ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                  "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                  "ff_context.net.2"),
+    "all_attention": _ALL_ATTENTION,  # our earlier default
+}
+FLUX2_LORA_PRESETS = {
+    # Flow-Factory models/flux/flux2_klein.py:92-104 (its second "attn.to_out.0" dropped: it matches no
+    # single-block module, whose to_out is a plain Linear)
+    "reference": _FF_ATTN + ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                             "attn.to_qkv_mlp_proj"),
+    "all_attention": _ALL_ATTENTION + ("to_qkv_mlp_proj",),  # our earlier default (single-block to_out included)
+}
+LORA_PRESETS = {"flux": FLUX1_LORA_PRESETS, "flux2": FLUX2_LORA_PRESETS}  # by config ``family``
 FLUX1_THETA = 10000
 PACK = 2  # the pipelines' 2x2 latent packing
 
 
 def _check_common(cfg, n_axes_ok, targets_ok, family):
+  lora_lib.check_targets(cfg.lora_targets, targets_ok, LORA_PRESETS[cfg.family], family)
   if cfg.patch_size != 1:
     raise ValueError(f"{family}: patch_size {cfg.patch_size} unsupported (the pipelines pack 2x2 outside; "
                      f"the transformer has patch_size 1)")
@@ -76,9 +137,6 @@ def _check_common(cfg, n_axes_ok, targets_ok, family):
   if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
     raise ValueError(f"{family}: sum(axes_dims_rope) = {sum(cfg.axes_dims_rope)} must equal attention_head_dim "
                      f"{cfg.attention_head_dim}")
-  unknown = set(cfg.lora_targets) - set(targets_ok)
-  if unknown:
-    raise ValueError(f"{family}: unknown lora_targets {sorted(unknown)}; expected a subset of {targets_ok}")
   if cfg.attention_impl not in attention_lib.IMPLEMENTATIONS:
     raise ValueError(f"unknown attention_impl {cfg.attention_impl!r}")
 
@@ -102,7 +160,7 @@ class FluxConfig:
   remat: bool = False
   lora_rank: int = 0
   lora_alpha: float = 1.0
-  lora_targets: Tuple[str, ...] = FLUX1_LORA_TARGETS
+  lora_targets: Tuple[str, ...] = FLUX1_LORA_PRESETS["all_attention"]
   attention_impl: str = "xla"
   dtype: str = "float32"
 
@@ -128,8 +186,9 @@ class FluxConfig:
   def rope_theta(self):
     return FLUX1_THETA
 
-  def lora_rank_for(self, target):
-    return self.lora_rank if target in self.lora_targets else 0
+  def lora_rank_for(self, site):
+    """The LoRA rank of the Linear at ``site`` (its diffusers path inside a block, e.g. ``ff.net.2``)."""
+    return self.lora_rank if lora_lib.target_matches(self.lora_targets, site) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +213,7 @@ class Flux2Config:
   remat: bool = False
   lora_rank: int = 0
   lora_alpha: float = 1.0
-  lora_targets: Tuple[str, ...] = FLUX2_LORA_TARGETS
+  lora_targets: Tuple[str, ...] = FLUX2_LORA_PRESETS["all_attention"]
   attention_impl: str = "xla"
   dtype: str = "float32"
 
@@ -181,8 +240,9 @@ class Flux2Config:
   def mlp_hidden_dim(self):
     return int(self.inner_dim * self.mlp_ratio)
 
-  def lora_rank_for(self, target):
-    return self.lora_rank if target in self.lora_targets else 0
+  def lora_rank_for(self, site):
+    """The LoRA rank of the Linear at ``site`` (its diffusers path inside a block, e.g. ``ff.net.2``)."""
+    return self.lora_rank if lora_lib.target_matches(self.lora_targets, site) else 0
 
 
 AnyFluxConfig = Union[FluxConfig, Flux2Config]
@@ -358,9 +418,23 @@ def _eps(cfg):
   return cfg.eps if isinstance(cfg, Flux2Config) else mmdit.LN_EPS
 
 
-def _lora_dense(cfg, target, features, name):
-  return LoRADense(features, lora_rank=cfg.lora_rank_for(target), lora_alpha=cfg.lora_alpha,
-                   use_bias=_use_bias(cfg), name=name)
+def _lora_dense(cfg, kind, module, name, features, **kwargs):
+  """Our Linear ``name`` in ``module`` of a ``kind`` block, adapted when ``lora_targets`` names its site."""
+  return LoRADense(features, lora_rank=cfg.lora_rank_for(site_name(kind, module, name)),
+                   lora_alpha=cfg.lora_alpha, use_bias=_use_bias(cfg), name=name, **kwargs)
+
+
+def lora_modules(cfg: AnyFluxConfig):
+  """[(diffusers module path, our path in the ``lora`` tree, index in the scanned stack or None)] of every adapted
+  Linear, double blocks then single blocks: what PEFT's ``target_modules`` would select on the diffusers model."""
+  out = []
+  for g in block_layout(cfg):
+    prefix = "transformer_blocks" if g.kind == "double" else "single_transformer_blocks"
+    for site, path in block_lora_sites(cfg.family, g.kind):
+      if cfg.lora_rank_for(site):
+        out += [(f"{prefix}.{i}.{site}", (g.name,) + path, i - g.start if g.scanned else None)
+                for i in range(g.start, g.stop)]
+  return out
 
 
 def _heads(cfg, x):
@@ -387,7 +461,7 @@ class JointAttention(nn.Module):
     cfg, d, eps = self.cfg, self.cfg.inner_dim, _eps(self.cfg)
 
     def proj(target, inp):
-      return _heads(cfg, _lora_dense(cfg, target, d, target)(inp, lora_gate))
+      return _heads(cfg, _lora_dense(cfg, "double", self.name, target, d)(inp, lora_gate))
 
     q = mmdit.RMSNorm(eps, name="norm_q")(proj("to_q", x))
     k = mmdit.RMSNorm(eps, name="norm_k")(proj("to_k", x))
@@ -398,21 +472,22 @@ class JointAttention(nn.Module):
     q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
     o = _attend(cfg, q, k, v, rope).astype(x.dtype)
     m = ctx.shape[1]
-    return (_lora_dense(cfg, "to_out", d, "to_out")(o[:, m:], lora_gate),
-            _lora_dense(cfg, "to_add_out", d, "to_add_out")(o[:, :m], lora_gate))
+    return (_lora_dense(cfg, "double", self.name, "to_out", d)(o[:, m:], lora_gate),
+            _lora_dense(cfg, "double", self.name, "to_add_out", d)(o[:, :m], lora_gate))
 
 
 class SwiGLUFeedForward(nn.Module):
-  """``Flux2FeedForward``: linear_out(silu(a) * b) with [a; b] = linear_in(x), no biases."""
-  hidden: int
-  dim: int
-  dtype: jnp.dtype = jnp.float32
+  """``Flux2FeedForward``: linear_out(silu(a) * b) with [a; b] = linear_in(x), no biases; LoRA on
+  ``ff[_context].linear_in`` / ``.linear_out`` when ``cfg.lora_targets`` names them."""
+  cfg: Flux2Config
 
   @nn.compact
-  def __call__(self, x):
-    h = nn.Dense(2 * self.hidden, use_bias=False, dtype=self.dtype, name="linear_in")(x)
-    return nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="linear_out")(
-        nn.silu(h[..., :self.hidden]) * h[..., self.hidden:])
+  def __call__(self, x, lora_gate):
+    cfg, hidden = self.cfg, self.cfg.mlp_hidden_dim
+    dense = lambda name, features: _lora_dense(cfg, "double", self.name, name, features,
+                                               kernel_init=nn.initializers.lecun_normal())  # nn.Dense's init
+    h = dense("linear_in", 2 * hidden)(x.astype(jnp.dtype(cfg.dtype)), lora_gate)
+    return dense("linear_out", cfg.inner_dim)(nn.silu(h[..., :hidden]) * h[..., hidden:], lora_gate)
 
 
 def _split_mod(mod, n):
@@ -446,14 +521,14 @@ class DoubleBlock(nn.Module):
         mmdit.modulate(mmdit.layer_norm(ctx, eps), c_shift_msa, c_scale_msa), rope, lora_gate)
 
     if isinstance(cfg, FluxConfig):
-      ff, ff_ctx = mmdit.FeedForward(d, dtype, name="ff"), mmdit.FeedForward(d, dtype, name="ff_context")
+      ff, ff_ctx = mmdit.FeedForward(cfg, name="ff"), mmdit.FeedForward(cfg, name="ff_context")
     else:
-      ff = SwiGLUFeedForward(cfg.mlp_hidden_dim, d, dtype, name="ff")
-      ff_ctx = SwiGLUFeedForward(cfg.mlp_hidden_dim, d, dtype, name="ff_context")
+      ff, ff_ctx = SwiGLUFeedForward(cfg, name="ff"), SwiGLUFeedForward(cfg, name="ff_context")
     x = x + gate_msa[:, None] * attn_out
-    x = x + gate_mlp[:, None] * ff(mmdit.modulate(mmdit.layer_norm(x, eps), shift_mlp, scale_mlp))
+    x = x + gate_mlp[:, None] * ff(mmdit.modulate(mmdit.layer_norm(x, eps), shift_mlp, scale_mlp), lora_gate)
     ctx = ctx + c_gate_msa[:, None] * c_attn_out
-    ctx = ctx + c_gate_mlp[:, None] * ff_ctx(mmdit.modulate(mmdit.layer_norm(ctx, eps), c_shift_mlp, c_scale_mlp))
+    ctx = ctx + c_gate_mlp[:, None] * ff_ctx(
+        mmdit.modulate(mmdit.layer_norm(ctx, eps), c_shift_mlp, c_scale_mlp), lora_gate)
     return (x, ctx), None
 
 
@@ -489,7 +564,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, rope, lora_gate):
     cfg, d = self.cfg, self.cfg.inner_dim
-    q, k, v = (_heads(cfg, _lora_dense(cfg, t, d, t)(x, lora_gate)) for t in ("to_q", "to_k", "to_v"))
+    q, k, v = (_heads(cfg, _lora_dense(cfg, "single", self.name, t, d)(x, lora_gate)) for t in ("to_q", "to_k", "to_v"))
     q = mmdit.RMSNorm(mmdit.LN_EPS, name="norm_q")(q)
     k = mmdit.RMSNorm(mmdit.LN_EPS, name="norm_k")(k)
     return _attend(cfg, q, k, v, rope).astype(x.dtype)
@@ -502,14 +577,14 @@ class SingleParallelAttention(nn.Module):
   @nn.compact
   def __call__(self, x, rope, lora_gate):
     cfg, d, m = self.cfg, self.cfg.inner_dim, self.cfg.mlp_hidden_dim
-    fused = _lora_dense(cfg, "to_qkv_mlp_proj", 3 * d + 2 * m, "to_qkv_mlp_proj")(x, lora_gate)
+    fused = _lora_dense(cfg, "single", self.name, "to_qkv_mlp_proj", 3 * d + 2 * m)(x, lora_gate)
     q, k, v = (_heads(cfg, fused[..., i * d:(i + 1) * d]) for i in range(3))
     q = mmdit.RMSNorm(cfg.eps, name="norm_q")(q)
     k = mmdit.RMSNorm(cfg.eps, name="norm_k")(k)
     o = _attend(cfg, q, k, v, rope).astype(x.dtype)
     mlp = fused[..., 3 * d:]
     mlp = nn.silu(mlp[..., :m]) * mlp[..., m:]
-    return _lora_dense(cfg, "to_out", d, "to_out")(jnp.concatenate([o, mlp], axis=-1), lora_gate)
+    return _lora_dense(cfg, "single", self.name, "to_out", d)(jnp.concatenate([o, mlp], axis=-1), lora_gate)
 
 
 def _run_groups(cfg, kind, block_cls, carry, mod, rope, lora_gate):
@@ -603,9 +678,15 @@ def init(cfg: AnyFluxConfig, key):
   return _module(cfg).init({"params": key}, x, t, *_cond_args(cfg, cond, x.shape[0]))
 
 
-def param_shapes(cfg: AnyFluxConfig):
-  """Abstract variables (ShapeDtypeStructs) without allocating anything."""
+@functools.lru_cache(maxsize=32)
+def _param_shapes(cfg: AnyFluxConfig):
   return jax.eval_shape(functools.partial(init, cfg), jax.random.PRNGKey(0))
+
+
+def param_shapes(cfg: AnyFluxConfig):
+  """Abstract variables (ShapeDtypeStructs) without allocating anything; traced once per config (the converter,
+  the exporter and the trainer all ask), returned in fresh containers."""
+  return jax.tree_util.tree_map(lambda x: x, _param_shapes(cfg))
 
 
 def init_lora(cfg: AnyFluxConfig, key):

@@ -20,8 +20,14 @@ context_pre_only last block). With ``scan_layers`` every run of length >= 2 runs
 stacked params, named ``blocks_{first}``; everything else runs unscanned as ``block_{i}``.
 :func:`block_layout` is the one source of this layout (the converter uses it too).
 
-LoRA adapters (models/lora.py) sit on the attention projections named in ``lora_targets`` (diffusers
-names), in attn and attn2 alike; gate 0 gives the base model exactly.
+LoRA adapters (models/lora.py; gate 0 gives the base model exactly) sit on the Linears that ``lora_targets`` names
+as PEFT ``target_modules`` do (models/lora.py, "targets"): suffixes of diffusers module paths, so "attn.to_q" is the
+joint attention only, "attn2.to_q" the dual attention only, "to_q" both. LoRA-able sites inside a block
+(:func:`block_lora_sites`): ``attn.{to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out}``,
+``attn2.{to_q,to_k,to_v,to_out.0}`` on dual layers, and the MLPs ``ff[_context].net.0.proj`` / ``.net.2``.
+``LORA_PRESETS``: "reference", the list of every SD3.5 reference (DiffusionNFT ``scripts/train_nft_sd3.py``:420-431,
+AWM, flow_grpo DPO, Flow-Factory ``models/stable_diffusion/sd3_5.py``:75-80): joint attention only, 191 modules and
+18.78 M parameters at r32 on SD3.5-Medium; "all_attention", our earlier default, which adds attn2 (243, 23.89 M).
 """
 
 import dataclasses
@@ -36,10 +42,29 @@ import numpy as np
 
 from normguard_jax.models import attention as attention_lib
 from normguard_jax.models import layers
-from normguard_jax.parallel import rules
+from normguard_jax.models import lora as lora_lib
 from normguard_jax.models.lora import LoRADense
+from normguard_jax.parallel import rules
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+_ATTN = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out", "to_add_out")
+_DIFFUSERS_LEAF = {"to_out": "to_out.0", "fc1": "net.0.proj", "fc2": "net.2"}  # our module name -> diffusers'
+# every LoRA-able Linear inside a JointTransformerBlock (diffusers paths)
+LORA_SITES = (tuple(f"attn.{_DIFFUSERS_LEAF.get(n, n)}" for n in _ATTN)
+              + ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+              + tuple(f"{ff}.{leaf}" for ff in ("ff", "ff_context") for leaf in ("net.0.proj", "net.2")))
+# the transformer's other Linear / Conv modules (suffixes that would also match these are not targets)
+_OTHER_MODULES = ("pos_embed.proj", "time_text_embed.timestep_embedder.linear_1",
+                  "time_text_embed.timestep_embedder.linear_2", "time_text_embed.text_embedder.linear_1",
+                  "time_text_embed.text_embedder.linear_2", "context_embedder", "norm1.linear", "norm1_context.linear",
+                  "norm_out.linear", "proj_out")
+LORA_TARGETS = lora_lib.target_vocabulary(LORA_SITES, _OTHER_MODULES)  # every accepted ``lora_targets`` entry
+LORA_PRESETS = {
+    # DiffusionNFT train_nft_sd3.py:420-431, AWM, flow_grpo DPO, Flow-Factory sd3_5.py:75-80 (verbatim order)
+    "reference": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                  "attn.to_out.0", "attn.to_q", "attn.to_v"),
+    # our earlier default: every attention projection, attn2 of the dual layers included
+    "all_attention": ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+}
 QK_NORMS = (None, "rms_norm")
 LN_EPS = 1e-6
 
@@ -66,7 +91,7 @@ class MMDiTConfig:
   remat_policy: str = "full"  # models/layers.py REMAT_POLICIES: what a rematerialised block keeps
   lora_rank: int = 0
   lora_alpha: float = 1.0
-  lora_targets: Tuple[str, ...] = LORA_TARGETS
+  lora_targets: Tuple[str, ...] = LORA_PRESETS["all_attention"]
   attention_impl: str = "xla"
   dtype: str = "float32"
 
@@ -83,9 +108,7 @@ class MMDiTConfig:
     bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
     if bad:
       raise ValueError(f"dual_attention_layers {bad} out of range for num_layers {self.num_layers}")
-    unknown = set(self.lora_targets) - set(LORA_TARGETS)
-    if unknown:
-      raise ValueError(f"unknown lora_targets {sorted(unknown)}; expected a subset of {LORA_TARGETS}")
+    lora_lib.check_targets(self.lora_targets, LORA_TARGETS, LORA_PRESETS, "SD3")
     if self.attention_impl not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"unknown attention_impl {self.attention_impl!r}")
 
@@ -93,8 +116,9 @@ class MMDiTConfig:
   def inner_dim(self):
     return self.num_attention_heads * self.attention_head_dim
 
-  def lora_rank_for(self, target):
-    return self.lora_rank if target in self.lora_targets else 0
+  def lora_rank_for(self, site):
+    """The LoRA rank of the Linear at ``site`` (its diffusers path inside a block, e.g. ``attn2.to_q``)."""
+    return self.lora_rank if lora_lib.target_matches(self.lora_targets, site) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +130,34 @@ class BlockGroup:
   dual: bool
   context_pre_only: bool
   scanned: bool
+
+
+def site_name(module, name):
+  """Diffusers path inside a block of our Linear ``name`` in submodule ``module`` (attn, attn2, ff, ff_context)."""
+  return f"{module}.{_DIFFUSERS_LEAF.get(name, name)}"
+
+
+def block_lora_sites(dual, context_pre_only):
+  """[(diffusers path inside the block, our path inside JointBlock)] of the block's LoRA-able Linears."""
+  attn = _ATTN[:-1] if context_pre_only else _ATTN  # the last block has no to_add_out and no ff_context
+  out = [(site_name("attn", n), ("attn", n)) for n in attn]
+  if dual:
+    out += [(site_name("attn2", n), ("attn2", n)) for n in ("to_q", "to_k", "to_v", "to_out")]
+  for ff in ("ff",) if context_pre_only else ("ff", "ff_context"):
+    out += [(site_name(ff, n), (ff, n)) for n in ("fc1", "fc2")]
+  return out
+
+
+def lora_modules(cfg: MMDiTConfig):
+  """[(diffusers module path, our path in the ``lora`` tree, index in the scanned stack or None)] of every adapted
+  Linear, in layer order: what PEFT's ``target_modules`` would select on ``SD3Transformer2DModel``."""
+  out = []
+  for g in block_layout(cfg):
+    for site, path in block_lora_sites(g.dual, g.context_pre_only):
+      if cfg.lora_rank_for(site):
+        out += [(f"transformer_blocks.{i}.{site}", (g.name,) + path, i - g.start if g.scanned else None)
+                for i in range(g.start, g.stop)]
+  return out
 
 
 def block_layout(cfg: MMDiTConfig) -> Tuple[BlockGroup, ...]:
@@ -238,8 +290,10 @@ class TimeTextEmbed(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- blocks
 
-def _lora_dense(cfg, target, features, name):
-  return LoRADense(features, lora_rank=cfg.lora_rank_for(target), lora_alpha=cfg.lora_alpha, name=name)
+def _lora_dense(cfg, module, name, features, **kwargs):
+  """Our Linear ``name`` inside ``module`` (attn, attn2, ff, ff_context), adapted when ``lora_targets`` says so."""
+  return LoRADense(features, lora_rank=cfg.lora_rank_for(site_name(module, name)), lora_alpha=cfg.lora_alpha,
+                   name=name, **kwargs)
 
 
 class Attention(nn.Module):
@@ -256,7 +310,7 @@ class Attention(nn.Module):
     heads, dh, d = cfg.num_attention_heads, cfg.attention_head_dim, cfg.inner_dim
 
     def proj(target, inp):
-      return _lora_dense(cfg, target, d, target)(inp, lora_gate).reshape(inp.shape[:2] + (heads, dh))
+      return _lora_dense(cfg, self.name, target, d)(inp, lora_gate).reshape(inp.shape[:2] + (heads, dh))
 
     q, k, v = proj("to_q", x), proj("to_k", x), proj("to_v", x)
     if cfg.qk_norm == "rms_norm":
@@ -269,21 +323,25 @@ class Attention(nn.Module):
       q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
     o = attention_lib.dot_product_attention(q, k, v, impl=cfg.attention_impl)
     o = o.reshape(o.shape[:2] + (d,)).astype(x.dtype)
-    x_out = _lora_dense(cfg, "to_out", d, "to_out")(o[:, :n], lora_gate)
+    x_out = _lora_dense(cfg, self.name, "to_out", d)(o[:, :n], lora_gate)
     if ctx is None or self.context_pre_only:
       return x_out, None
-    return x_out, _lora_dense(cfg, "to_add_out", d, "to_add_out")(o[:, n:], lora_gate)
+    return x_out, _lora_dense(cfg, self.name, "to_add_out", d)(o[:, n:], lora_gate)
 
 
 class FeedForward(nn.Module):
-  """``FeedForward(activation_fn='gelu-approximate')``: net.2(gelu_tanh(net.0.proj(x))), 4x hidden."""
-  dim: int
-  dtype: jnp.dtype = jnp.float32
+  """``FeedForward(activation_fn='gelu-approximate')``: net.2(gelu_tanh(net.0.proj(x))), 4x hidden, at
+  ``cfg.inner_dim`` in ``cfg.dtype`` (SD3 and FLUX.1). ``fc1`` / ``fc2`` are diffusers' ``net.0.proj`` / ``net.2``,
+  adapted when ``cfg.lora_targets`` names them; the module's own name (ff, ff_context) qualifies the site."""
+  cfg: object  # MMDiTConfig or flux.FluxConfig
 
   @nn.compact
-  def __call__(self, x):
-    x = nn.gelu(nn.Dense(4 * self.dim, dtype=self.dtype, name="fc1")(x), approximate=True)
-    return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x)
+  def __call__(self, x, lora_gate=None):
+    cfg, dim = self.cfg, self.cfg.inner_dim
+    dense = lambda name, features: _lora_dense(cfg, self.name, name, features,
+                                               kernel_init=nn.initializers.lecun_normal())  # nn.Dense's init
+    x = nn.gelu(dense("fc1", 4 * dim)(x.astype(jnp.dtype(cfg.dtype)), lora_gate), approximate=True)
+    return dense("fc2", dim)(x, lora_gate)
 
 
 class JointBlock(nn.Module):
@@ -320,13 +378,15 @@ class JointBlock(nn.Module):
       shift_msa2, scale_msa2, gate_msa2 = mod[6:]
       attn2_out, _ = Attention(cfg, name="attn2")(modulate(nx, shift_msa2, scale_msa2), None, lora_gate)
       x = x + gate_msa2[:, None] * attn2_out
-    x = x + gate_mlp[:, None] * FeedForward(d, dtype, name="ff")(modulate(layer_norm(x), shift_mlp, scale_mlp))
+    x = x + gate_mlp[:, None] * FeedForward(cfg, name="ff")(
+        modulate(layer_norm(x), shift_mlp, scale_mlp), lora_gate)
     x = rules.constrain(x, "tokens")  # the token streams between blocks: rows over the data axes (rules table)
     if self.context_pre_only:
       return (x, None), None
 
     ctx = ctx + c_gate_msa[:, None] * c_attn_out
-    c_ff = FeedForward(d, dtype, name="ff_context")(modulate(layer_norm(ctx), c_shift_mlp, c_scale_mlp))
+    c_ff = FeedForward(cfg, name="ff_context")(
+        modulate(layer_norm(ctx), c_shift_mlp, c_scale_mlp), lora_gate)
     return (x, rules.constrain(ctx + c_gate_mlp[:, None] * c_ff, "tokens")), None
 
 
@@ -383,9 +443,15 @@ def init(cfg: MMDiTConfig, key):
   return _module(cfg).init({"params": key}, x, t, cond["prompt_embeds"], cond["pooled"])
 
 
-def param_shapes(cfg: MMDiTConfig):
-  """Abstract variables (ShapeDtypeStructs) without allocating anything."""
+@functools.lru_cache(maxsize=32)
+def _param_shapes(cfg: MMDiTConfig):
   return jax.eval_shape(functools.partial(init, cfg), jax.random.PRNGKey(0))
+
+
+def param_shapes(cfg: MMDiTConfig):
+  """Abstract variables (ShapeDtypeStructs) without allocating anything; traced once per config (the converter,
+  the exporter and the trainer all ask), returned in fresh containers."""
+  return jax.tree_util.tree_map(lambda x: x, _param_shapes(cfg))
 
 
 def init_lora(cfg: MMDiTConfig, key):
