@@ -112,9 +112,15 @@ def _random_lora(cfg, n_adapters, seed=1):
                                 flux.param_shapes(cfg)["lora"])
 
 
+# LoRA targets of the LoRA cases: FLUX.1 Flow-Factory's (attention + GELU MLPs); FLUX.2 Flow-Factory's (attention,
+# SwiGLU MLPs, fused single-block projection) plus the single blocks' plain to_out: every LoRA-able site.
+LORA_TARGETS = {"flux1_dev": flux.FLUX1_LORA_PRESETS["reference"],
+                "flux2_klein": flux.FLUX2_LORA_PRESETS["reference"] + ("to_out",)}
+
+
 @pytest.fixture(scope="module")
 def lora_cases(models):
-  """name -> (cfg, variables, jitted velocity): scanned, rank-2 alpha-3 adapters (two stacked) on every target.
+  """name -> (cfg, variables, jitted velocity): scanned, rank-2 alpha-3 adapters (two stacked) on LORA_TARGETS.
 
   Compiled once and shared by the gate-0 parity cases and the LoRA export test.
   """
@@ -122,7 +128,8 @@ def lora_cases(models):
 
   def get(name):
     if name not in cache:
-      cfg, params = convert_flux.load_transformer(models[name][1], scan_layers=True, lora_rank=2, lora_alpha=3.0)
+      cfg, params = convert_flux.load_transformer(models[name][1], scan_layers=True, lora_rank=2, lora_alpha=3.0,
+                                                  lora_targets=LORA_TARGETS[name])
       cache[name] = (cfg, {"params": params, "lora": _random_lora(cfg, n_adapters=2)}, _jit_velocity(cfg))
     return cache[name]
   return get
@@ -262,7 +269,7 @@ def test_sharded_and_scanned_trees(models):
 
 @pytest.mark.parametrize("name,how,fold_alpha", [("flux1_dev", "pipeline", False), ("flux2_klein", "file", True)])
 def test_lora_export_roundtrip(models, lora_cases, tmp_path, name, how, fold_alpha):
-  """Random nonzero LoRA (two stacked adapters) on every attention target -> PEFT safetensors -> diffusers.
+  """Random nonzero LoRA (two stacked adapters) on every LoRA-able Linear -> PEFT safetensors -> diffusers.
 
   The loaded diffusers model reproduces our adapter-0 velocity; gates act per row, exactly.
   how: 'pipeline' = FluxPipeline.lora_state_dict + load_lora_into_transformer (what pipe.load_lora_weights does
@@ -292,9 +299,10 @@ def test_lora_export_roundtrip(models, lora_cases, tmp_path, name, how, fold_alp
     assert meta["transformer.lora_alpha"] == 3.0
     diffusers.FluxPipeline.load_lora_into_transformer(sd, alphas, transformer=m, adapter_name="ng", metadata=meta)
   assert m.peft_config["ng"].r == 2 and m.peft_config["ng"].lora_alpha == (2.0 if fold_alpha else 3.0)
-  # every adapted projection exists: 8 per double block; single blocks 3 (FLUX.1 q/k/v) or 2 (FLUX.2 fused)
+  # every adapted Linear exists: 8 attention + 4 MLP per double block; single blocks 3 (FLUX.1 q/k/v) or 2 (FLUX.2
+  # fused in/out projections)
   n_single = 3 if isinstance(cfg, flux.FluxConfig) else 2
-  assert sum(1 for n, _ in m.named_modules() if n.endswith("lora_A.ng")) == 2 * 8 + 2 * n_single
+  assert sum(1 for n, _ in m.named_modules() if n.endswith("lora_A.ng")) == 2 * 12 + 2 * n_single
   theirs = torch_velocity(m, cfg, x, t, cond)
   err = float(np.max(np.abs(theirs - ours["policy"])))
   effect = float(np.max(np.abs(ours["policy"] - ours["base"])))

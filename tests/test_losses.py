@@ -143,3 +143,88 @@ def test_grpo_ratio_one_on_policy_and_kl_zero_at_reference():
   mean_ref = samplers.sde_mean(x, v_ref, t[:, None, None, None], tn[:, None, None, None], std)
   kl = (jnp.mean(jnp.square(mean - mean_ref), axis=(1, 2, 3)) / (2 * std.reshape(-1) ** 2)).mean()
   np.testing.assert_allclose(m2["kl_ref"], kl, rtol=1e-5)
+
+
+# --- advantage options of the reference codes --------------------------------------------------------------------
+
+def _flow_grpo_advantages(rewards, group_size, global_std):
+  """flow_grpo / DiffusionNFT ``PerPromptStatTracker.update`` (flow_grpo/stat_tracking.py:12-32), one epoch."""
+  rewards = np.asarray(rewards, np.float64)
+  prompts = np.repeat(np.arange(len(rewards) // group_size), group_size)
+  adv = np.empty_like(rewards)
+  for p in np.unique(prompts):
+    group = rewards[prompts == p]
+    std = (np.std(rewards) if global_std else np.std(group)) + 1e-4
+    adv[prompts == p] = (group - np.mean(group)) / std
+  return adv
+
+
+def _flow_factory_advantages(rewards, group_size, global_std, aggregation):
+  """Flow-Factory ``compute_weighted_sum`` / ``compute_gdpo`` for one reward of weight 1
+  (advantage/advantage_processor.py:259-262, 361-386, 455-470)."""
+  r = np.asarray(rewards, np.float64)
+  groups = np.repeat(np.arange(len(r) // group_size), group_size)
+  adv = np.zeros_like(r)
+  if aggregation == "gdpo":
+    for g in np.unique(groups):
+      m = groups == g
+      adv[m] = (r[m] - np.mean(r[m])) / max(np.std(r[m]), 1e-6)
+    return (adv - float(np.mean(adv))) / max(float(np.std(adv)), 1e-6)
+  std = max(float(np.std(r)), 1e-6)
+  for g in np.unique(groups):
+    m = groups == g
+    if not global_std:
+      std = max(np.std(r[m]), 1e-6)
+    adv[m] = (r[m] - np.mean(r[m])) / std
+  return adv
+
+
+REWARDS = np.array([0.1, 0.4, 0.35, 0.9, 2.0, 2.5, 1.0, 1.5, 0.3, 0.3, 0.3, 0.3])  # the last group is constant
+
+
+@pytest.mark.parametrize("global_std", [True, False])
+def test_advantages_match_flow_grpo_and_flow_factory(global_std):
+  r = jnp.asarray(REWARDS, jnp.float32)
+  np.testing.assert_allclose(advantages.group_advantages(r, 4, global_std=global_std),
+                             _flow_grpo_advantages(REWARDS, 4, global_std), rtol=2e-5, atol=1e-6)
+  ff = advantages.group_advantages(r, 4, global_std=global_std, eps=1e-6, eps_kind="floor")
+  np.testing.assert_allclose(ff, _flow_factory_advantages(REWARDS, 4, global_std, "sum"), rtol=2e-5, atol=1e-6)
+  if not global_std:  # the floor and the added epsilon differ visibly on a group of std 0.1
+    g = jnp.asarray([1.0, 1.2, 1.0, 1.2], jnp.float32)
+    np.testing.assert_allclose(advantages.group_advantages(g, 4, global_std=False, eps=1e-6, eps_kind="floor"),
+                               [-1, 1, -1, 1], rtol=1e-5)
+    np.testing.assert_allclose(advantages.group_advantages(g, 4, global_std=False), np.array([-1, 1, -1, 1]) * 0.1
+                               / (0.1 + 1e-4), rtol=1e-5)
+
+
+def test_gdpo_equals_per_group_std_unless_a_group_is_constant():
+  r = jnp.asarray(REWARDS, jnp.float32)
+  gdpo = advantages.group_advantages(r, 4, aggregation="gdpo")
+  np.testing.assert_allclose(gdpo, _flow_factory_advantages(REWARDS, 4, False, "gdpo"), rtol=2e-5, atol=1e-6)
+  per_group = advantages.group_advantages(r, 4, global_std=False, eps=1e-6, eps_kind="floor")
+  np.testing.assert_allclose(gdpo, per_group / np.sqrt(2 / 3), rtol=2e-5, atol=1e-6)  # 2 of 3 groups vary
+  varied = jnp.asarray(REWARDS[:8], jnp.float32)
+  np.testing.assert_allclose(advantages.group_advantages(varied, 4, aggregation="gdpo"),
+                             advantages.group_advantages(varied, 4, global_std=False, eps=1e-6, eps_kind="floor"),
+                             rtol=2e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="aggregation"):
+    advantages.group_advantages(r, 4, aggregation="mean")
+  with pytest.raises(ValueError, match="eps_kind"):
+    advantages.group_advantages(r, 4, eps_kind="clip")
+
+
+def test_awm_advantage_modes_against_hand_values():
+  a = jnp.array([-7.0, -5.0, -1.0, 0.0, 0.5, 2.0, 7.0])
+  np.testing.assert_allclose(awm.adv_transform(a, "div5"), [-1, -1, -0.2, 0, 0.1, 0.4, 1], rtol=1e-6)
+  np.testing.assert_allclose(awm.adv_transform(a, "div5", adv_max=2.0), [-2, -2, -0.4, 0, 0.2, 0.8, 2], rtol=1e-6)
+  np.testing.assert_allclose(awm.adv_transform(a, "clamp"), [-1, -1, -1, 0, 0.5, 1, 1], rtol=1e-6)
+  np.testing.assert_allclose(awm.adv_transform(a, "clamp", adv_clip=2.0), [-2, -2, -1, 0, 0.5, 2, 2], rtol=1e-6)
+  batch = _fp_batch()  # adv = [5, -5, 0, 2.5]
+  v0, v_ref = _rand(5, (4, 4, 4, 1)), _rand(6, (4, 4, 4, 1))
+  cases = ((_awm_cfg(), [1, -1, 0, 0.5]), (_awm_cfg(adv_mode="div5"), [1, -1, 0, 0.5]),
+           (_awm_cfg(adv_mode="clamp"), [1, -1, 0, 1]), (_awm_cfg(adv_mode="clamp", adv_clip=3.0), [3, -3, 0, 2.5]))
+  for cfg, want in cases:
+    loss, _ = awm.awm_loss(Velocities(v0, v_ref, None), batch, cfg)
+    np.testing.assert_allclose(loss, -np.mean(want), rtol=1e-6)  # on-policy ratio = 1: L = -mean A'
+  with pytest.raises(ValueError, match="adv_mode"):
+    awm.awm_loss(Velocities(v0, v_ref, None), batch, _awm_cfg(adv_mode="div1"))

@@ -99,3 +99,80 @@ def test_current_lambda_inside_a_chain_and_absent():
   chain = optax.chain(optax.clip_by_global_norm(1.0), ng.normguard_lambda("constant", 0.7), optax.adam(1e-3))
   assert float(ng.current_lambda(chain.init(p))) == pytest.approx(0.7)
   assert float(ng.current_lambda(optax.adam(1e-3).init(p))) == 0.0
+
+
+# --- adaptive lambda on the penalty's own gap and mask (issue 12 item 6) -----------------------------------------
+
+def _dual_ascent(tx, v, v_ref, cfg, t=None, steps=300):
+  """Feed the penalty's metrics to the transform as the train step does, ``steps`` times; lambda after each."""
+  _, m = ng.normguard_penalty(v, v_ref, cfg, t=t)
+  p = {"w": jnp.ones(2)}
+  extra = {k: m[k] for k in ("ng_excess", "ng_active_frac", "ng_gap_mean", "ng_valid_frac") if k in m}
+
+  def run(s):
+    def body(s, _):
+      s = tx.update(p, s, p, **extra)[1]
+      return s, ng.current_lambda(s)
+    return jax.lax.scan(body, s, None, length=steps)[1]
+  return np.asarray(jax.jit(run)(tx.init(p))), m
+
+
+def test_adaptive_lambda_ignores_rows_inside_the_margin():
+  """rho = 1.05 with margin 0.1: the hinge is 0, so dual ascent must not move lambda (it climbed to 151 before)."""
+  v, v_ref = _pair([1.05] * 4)
+  cfg = _cfg(mode="relative", margin=0.1)
+  lams, m = _dual_ascent(ng.normguard_lambda("adaptive", 1.0, dual_lr=10.0), v, v_ref, cfg)
+  np.testing.assert_array_equal(lams, 1.0)
+  assert float(m["ng_penalty"]) == 0.0 and float(m["ng_excess"]) == 0.0
+  np.testing.assert_allclose(m["ng_gap_mean"], -0.05, atol=1e-5)
+  v, v_ref = _pair([1.05] * 4)  # the same rows in abs mode: gap = ||v|| - 1.1 ||v_ref|| < 0
+  lams, _ = _dual_ascent(ng.normguard_lambda("adaptive", 1.0, dual_lr=10.0), v, v_ref, _cfg(mode="abs", margin=0.1))
+  np.testing.assert_array_equal(lams, 1.0)
+
+
+@pytest.mark.parametrize("excess", ["hinge", "signed"])
+def test_adaptive_lambda_is_constant_when_every_row_is_masked(excess):
+  v, v_ref = _pair([1.5, 1.3, 0.7])
+  cfg = _cfg(mode="relative", t_min=0.2)
+  t = jnp.array([0.1, 0.05, 0.15])
+  tx = ng.normguard_lambda("adaptive", 1.0, dual_lr=10.0, target=0.01, **({"excess": excess} if excess != "hinge"
+                                                                           else {}))
+  lams, m = _dual_ascent(tx, v, v_ref, cfg, t=t, steps=20)
+  np.testing.assert_array_equal(lams, 1.0)
+  assert float(m["ng_penalty"]) == 0.0 and float(m["ng_valid_frac"]) == 0.0
+
+
+def test_excess_is_the_masked_mean_of_the_penalty_gap():
+  v, v_ref = _pair([1.3, 1.05, 1.2, 0.8])
+  t = jnp.array([0.9, 0.5, 0.05, 0.6])  # the third row is masked
+  _, m = ng.normguard_penalty(v, v_ref, _cfg(mode="relative", margin=0.1, t_min=0.1), t=t)
+  gaps = np.array([0.2, -0.05, -0.3])  # rows 0, 1, 3: rho - 1.1
+  np.testing.assert_allclose(m["ng_excess"], np.maximum(gaps, 0).mean(), rtol=1e-4)
+  np.testing.assert_allclose(m["ng_gap_mean"], gaps.mean(), rtol=1e-4)
+  np.testing.assert_allclose(m["ng_valid_frac"], 0.75)
+  np.testing.assert_allclose(m["ng_active_frac"], 1 / 3, rtol=1e-6)
+  _, m_abs = ng.normguard_penalty(v, v_ref, _cfg(mode="abs", margin=0.1, t_min=0.1), t=t)
+  n, nr = np.asarray(velocity_norm(v)), np.asarray(velocity_norm(v_ref))
+  g_abs = (n - 1.1 * nr)[[0, 1, 3]]
+  np.testing.assert_allclose(m_abs["ng_excess"], np.maximum(g_abs, 0).mean(), rtol=1e-4)
+  np.testing.assert_allclose(m_abs["ng_gap_mean"], g_abs.mean(), rtol=1e-4)
+
+
+def test_signed_lambda_falls_under_the_margin_and_rises_above():
+  cfg = _cfg(mode="relative", margin=0.1)
+  tx = lambda: ng.normguard_lambda("adaptive", 1.0, dual_lr=2.0, excess="signed")
+  under, m = _dual_ascent(tx(), *_pair([0.9, 1.0, 1.05]), cfg, steps=5)  # E rho = 0.983 < 1.1
+  np.testing.assert_allclose(under, np.maximum(1.0 + 2.0 * np.arange(1, 6) * float(m["ng_gap_mean"]), 0.0), rtol=1e-5)
+  assert under[0] < 1.0
+  floored, _ = _dual_ascent(tx(), *_pair([0.5, 0.5]), cfg, steps=5)
+  np.testing.assert_array_equal(floored[-2:], 0.0)  # lambda >= 0
+  over, _ = _dual_ascent(tx(), *_pair([1.3, 1.2, 1.05]), cfg, steps=5)  # E rho = 1.183 > 1.1
+  assert np.all(np.diff(np.concatenate([[1.0], over])) > 0)
+  # the hinge statistic with target 0 can only hold or grow lambda (findings.md); the signed one falls
+  hinge, _ = _dual_ascent(ng.normguard_lambda("adaptive", 1.0, dual_lr=2.0), *_pair([0.9, 1.0, 1.05]), cfg, steps=5)
+  np.testing.assert_array_equal(hinge, 1.0)
+  with pytest.raises(ValueError, match="ng_gap_mean"):
+    p = {"w": jnp.ones(2)}
+    tx().update(p, tx().init(p), p, ng_excess=jnp.float32(0.1))
+  with pytest.raises(ValueError, match="excess"):
+    ng.normguard_lambda("adaptive", excess="mean")
