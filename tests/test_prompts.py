@@ -79,6 +79,8 @@ def test_tiny_prompt_set(tmp_path):
   assert len(recs) == 32 and len({p for p, _ in recs}) == 32 and all(p and not m for p, m in recs)
   out = prompts.write_prompt_set(tmp_path, prompts.TINY_PROMPTS, "plain", name="tiny")
   assert prompts.load_prompt_set(out).prompts() == [p for p, _ in recs]
+  held_out = [p for p, _ in prompts.parse_prompts(prompts.TINY_TEST_PROMPTS, "pickscore")]
+  assert len(held_out) == 8 and not set(held_out) & {p for p, _ in recs}  # the dry run's `test` split
 
 
 def _write(tmp_path, name, text):

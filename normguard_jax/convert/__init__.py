@@ -10,3 +10,6 @@ from normguard_jax.convert.safetensors_io import (ConversionError, Checkpoint, E
 from normguard_jax.convert.flux import load_transformer as load_flux_transformer
 from normguard_jax.convert.sd3 import load_transformer
 from normguard_jax.convert.vae import load_vae
+
+__all__ = ["ConversionError", "Checkpoint", "Entry", "SafetensorsFile", "apply_key_map", "open_checkpoint",
+           "load_flux_transformer", "load_transformer", "load_vae"]

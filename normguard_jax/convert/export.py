@@ -11,8 +11,11 @@ config (the converter checks it against that same table). The result is a ``tran
 
 LoRA (:func:`lora_state_dict`, :func:`save_lora`): our ``lora`` collection (models/lora.py: A (in, r, J),
 B (r, out, J), adapters on the last axis, scale alpha / r) -> PEFT keys
-``transformer.transformer_blocks.{i}.{attn|attn2}.{proj}.lora_A.weight`` (r, in) and ``.lora_B.weight``
-(out, r); our ``to_out`` is diffusers' ``to_out.0``. PEFT computes ``lora_alpha / r * B(A(x))``, as we do.
+``transformer.transformer_blocks.{i}.{site}.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r), where the
+site is the diffusers path inside the block (``attn.to_q``, ``attn2.to_out.0``, ``ff.net.0.proj``, ...; the model
+modules' ``lora_modules(cfg)`` list them). PEFT computes ``lora_alpha / r * B(A(x))``, as we do.
+:func:`merge_lora` folds an adapter into the base kernels instead (W + alpha / r A B), for a plain diffusers
+transformer dir.
 With ``fold_alpha`` (the default) the scale is multiplied into B and the adapter config says
 ``lora_alpha = r``, so any loader (diffusers without metadata, kohya-style tools) reproduces our output;
 without it B is written as trained and the adapter config (``lora_adapter_metadata`` in the safetensors
@@ -23,10 +26,11 @@ Everything is strict: a param tree that is not exactly the one the config implie
 naming every missing, extra or misshapen leaf. No torch is needed (safetensors' numpy API).
 
 FLUX (models/flux.py, convert/flux.py) goes through the same code: the family is picked from the config's
-type (:func:`family_of`). FLUX LoRA keys are ``transformer.transformer_blocks.{i}.attn.{proj}`` (double
-blocks; ``to_out.0``) and ``transformer.single_transformer_blocks.{i}.attn.{proj}`` (single blocks: FLUX.1
-to_q/k/v; FLUX.2 ``to_qkv_mlp_proj`` and ``to_out``, which has no ``.0`` there). The saved ``config.json``
-is ``FluxTransformer2DModel`` / ``Flux2Transformer2DModel``.
+type (:func:`family_of`). FLUX LoRA keys are ``transformer.transformer_blocks.{i}.{site}`` (double blocks:
+attention ``attn.*`` with ``to_out.0``, MLPs ``ff[_context].net.0.proj`` / ``.net.2`` (FLUX.1) or
+``ff[_context].linear_in`` / ``.linear_out`` (FLUX.2)) and ``transformer.single_transformer_blocks.{i}.attn.{proj}``
+(FLUX.1 to_q/k/v; FLUX.2 ``to_qkv_mlp_proj`` and ``to_out``, which has no ``.0`` there). The saved
+``config.json`` is ``FluxTransformer2DModel`` / ``Flux2Transformer2DModel``.
 """
 
 import dataclasses
@@ -47,12 +51,12 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-_DIFFUSERS_NAME = {"to_out": "to_out.0"}  # our LoRADense name -> diffusers module path inside an Attention
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """One transformer family: its diffusers class names, converter module, model module and LoRA targets."""
+  """One transformer family: its diffusers class names, converter module, model module and the ``lora_targets``
+  entries it accepts."""
   name: str
   label: str
   class_names: Tuple[str, ...]
@@ -110,12 +114,6 @@ def _check_tree(what, tree, targets, *, last_axis_free=False):
   if problems:
     raise ConversionError(what, problems)
   return got
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
 
 
 # ----------------------------------------------------------------------------------------------- full weights
@@ -212,46 +210,49 @@ def save_transformer(directory, cfg, params, *, base_config: Optional[dict] = No
 
 # ----------------------------------------------------------------------------------------------- LoRA
 
-def _has(shapes, path):
-  try:
-    _get(shapes, path + ("lora_a",))
-    return True
-  except KeyError:
-    return False
-
-
-def _flux_lora_modules(cfg, shapes):
-  out = []
-  for g in flux.block_layout(cfg):
-    prefix = "transformer_blocks" if g.kind == "double" else "single_transformer_blocks"
-    for target in flux.LORA_TARGETS:
-      path = (g.name, "attn", target)
-      if not _has(shapes, path):
-        continue
-      name = _DIFFUSERS_NAME.get(target, target) if g.kind == "double" else target
-      for i in range(g.start, g.stop):
-        out.append((f"{prefix}.{i}.attn.{name}", path, i - g.start if g.scanned else None))
-  return out
-
-
 def _lora_modules(cfg):
   """[(diffusers module path, our tree path to the LoRADense, stacked index or None)] in layer order."""
-  shapes = _shapes(cfg).get("lora", {})
-  if family_of(cfg).name != "sd3":
-    return _flux_lora_modules(cfg, shapes)
-  out = []
-  for g in mmdit.block_layout(cfg):
-    for attn in ("attn", "attn2"):
-      for target in mmdit.LORA_TARGETS:
-        path = (g.name, attn, target)
-        try:
-          _get(shapes, path + ("lora_a",))
-        except KeyError:
-          continue
-        for i in range(g.start, g.stop):
-          out.append((f"transformer_blocks.{i}.{attn}.{_DIFFUSERS_NAME.get(target, target)}", path,
-                      i - g.start if g.scanned else None))
-  return out
+  return family_of(cfg).model.lora_modules(cfg)
+
+
+def lora_targets_from_tree(cfg, lora) -> Tuple[str, ...]:
+  """The ``lora_targets`` (diffusers site names) that give exactly the adapted modules of a ``lora`` tree, for a
+  tree saved without its config; ``cfg`` gives the architecture and scan layout. ConversionError for a leaf that
+  is no LoRA site of this architecture."""
+  fam = family_of(cfg)
+  every = dataclasses.replace(cfg, lora_rank=max(cfg.lora_rank, 1), lora_targets=fam.lora_targets)
+  site_of = {path: module.split(".", 2)[2] for module, path, _ in _lora_modules(every)}
+  paths = {p[:-1] for p in _leaf_paths(lora) if p[-1] in ("lora_a", "lora_b")}
+  unknown = sorted("/".join(p) for p in paths if p not in site_of)
+  if unknown or not paths:
+    raise ConversionError("LoRA tree", [f"{p}: not a LoRA site of this {fam.label}" for p in unknown]
+                          or ["no lora_a / lora_b leaves (is it a LoRA tree?)"])
+  return tuple(sorted({site_of[p] for p in paths}))
+
+
+def merge_lora(cfg, params, lora, *, adapter=0):
+  """Base ``params`` with adapter ``adapter`` of ``lora`` folded in: each adapted kernel W (in, out) becomes
+  W + (alpha / r) A_j B_j (models/lora.py: y = x W + b + (alpha / r) (x A_j) B_j), so the LoRA-free model with the
+  merged params computes the adapted velocity (up to rounding). The sum is formed in float64 and cast back to
+  W's dtype. Returns a numpy tree with the structure of ``params``; both trees are checked strictly."""
+  from flax import traverse_util
+  fam = family_of(cfg)
+  if cfg.lora_rank <= 0:
+    raise ValueError("cfg.lora_rank must be > 0 to merge a LoRA (the config the adapters were trained with)")
+  got = _check_tree("LoRA merge", _to_numpy(lora), _shapes(cfg)["lora"], last_axis_free=True)
+  base = _check_tree(f"{fam.label} merge", _to_numpy(params), _shapes(dataclasses.replace(cfg, lora_rank=0))["params"])
+  n_adapters = {np.shape(a)[-1] for a in got.values()}
+  if len(n_adapters) != 1 or not 0 <= adapter < min(n_adapters):
+    raise ConversionError("LoRA merge", [f"adapter index {adapter} out of range for adapter counts "
+                                         f"{sorted(n_adapters)} on the last axis"])
+  scale = cfg.lora_alpha / cfg.lora_rank
+  out = dict(base)
+  for path in {p[:-1] for p in got}:
+    a = got[path + ("lora_a",)][..., adapter].astype(np.float64)  # ([L,] in, r)
+    b = got[path + ("lora_b",)][..., adapter].astype(np.float64)  # ([L,] r, out)
+    w = base[path + ("kernel",)]
+    out[path + ("kernel",)] = (w.astype(np.float64) + scale * np.einsum("...ir,...ro->...io", a, b)).astype(w.dtype)
+  return traverse_util.unflatten_dict(out)
 
 
 def lora_config(cfg, *, fold_alpha=True) -> dict:

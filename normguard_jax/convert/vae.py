@@ -14,8 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from normguard_jax.convert.safetensors_io import (ConversionError, Entry, apply_key_map, open_checkpoint,
-                                                  load_component, read_config, resolve_component_dir)
+from normguard_jax.convert.safetensors_io import (ConversionError, Entry, apply_key_map, load_component)
 from normguard_jax.models import vae as vae_lib
 
 CLASS_NAMES = ("AutoencoderKL", "AutoencoderKLFlux2")

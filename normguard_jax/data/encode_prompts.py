@@ -4,6 +4,14 @@ cached as a tfds dataset.
   python -m normguard_jax.data.encode_prompts PIPELINE_DIR PROMPTS OUT [--family sd3|flux1|flux2]
       [--batch-size 16] [--max-sequence-length N] [--clip-skip N] [--device cuda] [--dtype float16] [--split train]
 
+Splits. The first run writes a new dataset in OUT (split ``--split``, default ``train``). A later run with the same
+OUT and another ``--split`` (``test`` for held-out eval prompts, ``negative`` for CFG) ADDS that split to the same
+dataset, leaving the existing splits untouched (``data.text_embeddings.add_split``); it must use the same family,
+shapes and encoder settings (max_sequence_length, clip_skip, use_t5, hidden-state layers), else it stops with an
+error naming both values. An existing split is never overwritten. All of this, the prompts and the split name are
+checked before the encoders run; bad input exits with status 2 and a message naming the argument. Needs torch and
+transformers (``pip install -r requirements-encode.txt``).
+
 The family comes from ``--family`` or else PIPELINE_DIR/model_index.json ``_class_name``
 (``StableDiffusion3*`` -> sd3, ``Flux2Klein*`` -> flux2, other ``Flux*`` -> flux1; ``Flux2Pipeline``, i.e.
 FLUX.2-dev with its Mistral3 encoder, is not supported), or without that file from the text encoders'
@@ -316,9 +324,29 @@ class Flux2TextEncoder:
 ENCODERS = {"sd3": SD3TextEncoder, "flux1": FluxTextEncoder, "flux2": Flux2TextEncoder}
 
 
-def encode_to_dataset(encoder, prompts: Sequence[str], out, *, batch_size=16, split="train",
-                      log_every=0) -> str:
-  """Encodes ``prompts`` in batches (lazily, as the writer consumes them) into ``out``; returns the dataset dir."""
+def encoding_metadata(encoder) -> dict:
+  """The dataset-level metadata of ``encoder``'s embeddings (its settings, family, pooled kind)."""
+  return dict(encoder.metadata(), family=encoder.family, pooled=encoder.pooled_kind)
+
+
+def existing_dataset(out) -> Optional[dict]:
+  """``text_embeddings.describe(out)`` when ``out`` holds a text-embedding dataset, None when it holds none.
+  ValueError when ``out`` itself is another kind of dataset (e.g. a prompt set): nothing is written into it."""
+  if not os.path.isdir(out):
+    return None
+  try:
+    return text_embeddings.describe(out)
+  except text_embeddings.NotTextEmbeddingsError as e:
+    if os.path.isfile(os.path.join(out, "dataset_info.json")):
+      raise ValueError(f"OUT {e}; choose another OUT") from e
+    return None
+
+
+def encode_to_dataset(encoder, prompts: Sequence[str], out, *, batch_size=16, split="train", log_every=0,
+                      prompts_source: Optional[str] = None) -> str:
+  """Encodes ``prompts`` in batches (lazily, as the writer consumes them) into ``out`` and returns the dataset
+  dir: a new dataset, or, when ``out`` already holds one, a new split of it (``text_embeddings.add_split``: the
+  shapes and encoder settings must match, checked before the first batch is encoded)."""
   t0 = time.perf_counter()
 
   def examples():
@@ -328,14 +356,54 @@ def encode_to_dataset(encoder, prompts: Sequence[str], out, *, batch_size=16, sp
       for p, e, q in zip(batch, embeds, pooled):
         yield {"prompt": p, "prompt_embeds": e, "pooled": q}
       if log_every and (s // batch_size) % log_every == 0:
-        print(f"[encode_prompts] {min(s + batch_size, len(prompts))}/{len(prompts)} "
+        print(f"[encode_prompts] {split}: {min(s + batch_size, len(prompts))}/{len(prompts)} "
               f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
 
-  meta = dict(encoder.metadata(), family=encoder.family, pooled=encoder.pooled_kind, num_prompts=len(prompts))
+  meta = encoding_metadata(encoder)
+  split_meta = {"num_prompts": len(prompts), "prompts_source": prompts_source and os.path.abspath(prompts_source),
+                "source": encoder.source, "encoder_dtype": meta.get("encoder_dtype")}
+  shapes = dict(seq_len=encoder.seq_len, embed_dim=encoder.embed_dim, pooled_dim=encoder.pooled_dim)
+  if existing_dataset(out) is not None:
+    return text_embeddings.add_split(out, examples(), split=split, metadata=meta, split_metadata=split_meta, **shapes)
   return text_embeddings.write_text_embeddings(
-      out, examples(), seq_len=encoder.seq_len, embed_dim=encoder.embed_dim, pooled_dim=encoder.pooled_dim,
-      split=split, metadata=meta,
-      description=f"{FAMILY_NAMES[encoder.family]} prompt embeddings (normguard_jax.data.encode_prompts)")
+      out, examples(), split=split, metadata=dict(meta, num_prompts=len(prompts)), split_metadata=split_meta,
+      description=f"{FAMILY_NAMES[encoder.family]} prompt embeddings (normguard_jax.data.encode_prompts)", **shapes)
+
+
+def _load_encoder(args, family, max_sequence_length):
+  common = dict(device=args.device, dtype=args.dtype, max_sequence_length=max_sequence_length)
+  if family == "sd3":
+    return SD3TextEncoder(args.pipeline_dir, clip_skip=args.clip_skip, use_t5=not args.no_t5,
+                          joint_attention_dim=args.joint_attention_dim, **common)
+  if family == "flux1":
+    return FluxTextEncoder(args.pipeline_dir, **common)
+  layers = args.text_encoder_out_layers
+  layers = (9, 18, 27) if layers is None else [int(k) for k in layers.split(",") if k.strip()]
+  return Flux2TextEncoder(args.pipeline_dir, hidden_states_layers=layers, **common)
+
+
+def _prepare(args, family):
+  """Everything that can fail before encoding: the split name, the prompts, OUT, the encoders and their fit to
+  the dataset already in OUT. -> (encoder, prompts)."""
+  text_embeddings.check_split_name(args.split)
+  prompts = read_prompts(args.prompts, args.prompts_split)
+  max_len = args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family]
+  existing = existing_dataset(args.out)
+  if existing is not None:  # cheap checks first: the encoders of a real snapshot take a while to load
+    text_embeddings.check_compatible(args.out, metadata={"family": family, "max_sequence_length": max_len},
+                                     split=args.split)
+  enc = _load_encoder(args, family, max_len)
+  if existing is not None:
+    text_embeddings.check_compatible(args.out, seq_len=enc.seq_len, embed_dim=enc.embed_dim,
+                                     pooled_dim=enc.pooled_dim, metadata=encoding_metadata(enc), split=args.split)
+    old = existing["metadata"]
+    for k, what in (("source", "snapshot"), ("encoder_dtype", "encoder dtype")):
+      if k in old and old[k] != enc.metadata().get(k):
+        print(f"[encode_prompts] note: the existing splits were encoded with {what} {old[k]!r}, split "
+              f"{args.split!r} with {enc.metadata().get(k)!r} (same family, shapes and settings)", file=sys.stderr)
+    print(f"[encode_prompts] adding split {args.split!r} ({len(prompts)} prompts) to {existing['dataset_dir']} "
+          f"(existing splits {existing['splits']})", file=sys.stderr)
+  return enc, prompts
 
 
 def main(argv=None):
@@ -356,36 +424,48 @@ def main(argv=None):
   p.add_argument("--device", default="cpu")
   p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                  help="encoder compute dtype (stored embeddings are float32 regardless)")
-  p.add_argument("--split", default="train")
+  p.add_argument("--split", default="train",
+                 help="split to write; when OUT already holds a dataset it is added to it (e.g. test, negative)")
   p.add_argument("--no-t5", action="store_true", help="sd3 only: zeros for the T5 part (needs --joint-attention-dim)")
   p.add_argument("--joint-attention-dim", type=int, default=None, help="sd3 only, with --no-t5")
   p.add_argument("--text-encoder-out-layers", default=None,
                  help="flux2 only: comma-separated Qwen3 hidden-state indices (diffusers default 9,18,27)")
   args = p.parse_args(argv)
-  family = args.family or detect_family(args.pipeline_dir)
+
+  def fail(e):
+    print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+    raise SystemExit(2) from e
+
+  try:
+    if not os.path.isdir(args.pipeline_dir):
+      raise FileNotFoundError(f"PIPELINE_DIR {args.pipeline_dir}: not a directory (expected a local diffusers "
+                              f"SD3 / FLUX.1 / FLUX.2-klein pipeline snapshot)")
+    family = args.family or detect_family(args.pipeline_dir)
+  except (FileNotFoundError, ValueError) as e:
+    fail(e)
   sd3_only = [f for f, v in (("--clip-skip", args.clip_skip is not None), ("--no-t5", args.no_t5),
                              ("--joint-attention-dim", args.joint_attention_dim is not None)) if v]
   if family != "sd3" and sd3_only:
     p.error(f"{', '.join(sd3_only)}: sd3 only (family {family})")
   if family != "flux2" and args.text_encoder_out_layers is not None:
     p.error(f"--text-encoder-out-layers: flux2 only (family {family})")
-  prompts = read_prompts(args.prompts, args.prompts_split)
-  common = dict(device=args.device, dtype=args.dtype,
-                max_sequence_length=args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family])
-  if family == "sd3":
-    enc = SD3TextEncoder(args.pipeline_dir, clip_skip=args.clip_skip, use_t5=not args.no_t5,
-                         joint_attention_dim=args.joint_attention_dim, **common)
-  elif family == "flux1":
-    enc = FluxTextEncoder(args.pipeline_dir, **common)
-  else:
-    layers = args.text_encoder_out_layers
-    layers = (9, 18, 27) if layers is None else [int(k) for k in layers.split(",") if k.strip()]
-    enc = Flux2TextEncoder(args.pipeline_dir, hidden_states_layers=layers, **common)
-  out = encode_to_dataset(enc, prompts, args.out, batch_size=args.batch_size, split=args.split, log_every=10)
-  print(json.dumps({"out": out, "family": family, "num_prompts": len(prompts),
+  try:
+    enc, prompts = _prepare(args, family)
+  except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    fail(e)
+  out = encode_to_dataset(enc, prompts, args.out, batch_size=args.batch_size, split=args.split, log_every=10,
+                          prompts_source=None if os.path.isdir(args.prompts) else args.prompts)
+  print(json.dumps({"out": out, "family": enc.family, "split": args.split, "num_prompts": len(prompts),
                     "prompt_embeds": [enc.seq_len, enc.embed_dim], "pooled": [enc.pooled_dim]}))
   return out
 
 
+def cli(argv=None):
+  """The installed command: ``main`` returns its result (for Python callers); the shell gets exit status 0 (errors
+  exit 2 through SystemExit)."""
+  main(argv)
+  return 0
+
+
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  sys.exit(cli(sys.argv[1:]))

@@ -50,6 +50,8 @@ import numpy as np
 VERSION = "1.0.0"
 FEATURES = ("prompt", "metadata", "index")
 TINY_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompt_sets", "tiny_prompts.txt")
+# held-out prompts for the tiny dry run (a `test` split: encode_prompts ... --split test); none is in TINY_PROMPTS
+TINY_TEST_PROMPTS = os.path.join(os.path.dirname(TINY_PROMPTS), "tiny_prompts_test.txt")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 Record = Tuple[str, dict]  # (prompt, metadata)

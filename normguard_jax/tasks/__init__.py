@@ -33,5 +33,7 @@ def task_class(name):
   return getattr(importlib.import_module(module), cls)
 
 
-def make_task(cfg):
-  return task_class(cfg.get("task", "digits"))(cfg)
+def make_task(cfg, text_len=None):
+  """The config's task. ``text_len``: a text-to-image task without data, for ahead-of-time compilation."""
+  cls = task_class(cfg.get("task", "digits"))
+  return cls(cfg) if text_len is None else cls(cfg, text_len=text_len)

@@ -8,19 +8,18 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from normguard_jax import config as config_lib
 from normguard_jax.analysis import quality as quality_lib
 from normguard_jax.analysis import report as report_lib
 from normguard_jax.data import digits
+from normguard_jax.flow import schedules
 from normguard_jax.models import dit
 from normguard_jax.train import pretrain as pretrain_lib
 from normguard_jax.train.logging import MetricWriter
 
-QUALITY_LABELS = {"class_conf": "classifier confidence in prompted class (higher = better)",
-                  "nn_dist": "distance to nearest real digit (lower = better)",
-                  "frechet": "Fréchet distance to real digits, pixels (lower = better)",
-                  "out_of_range": "fraction of pixels outside [-1, 1] (lower = better)"}
+QUALITY_LABELS = quality_lib.DIGIT_LABELS
 
 
 def model_config(cfg, lora_rank=0):
@@ -43,7 +42,6 @@ class DigitsTask:
   def __init__(self, cfg):
     self.cfg = cfg
     self.images, self.labels = digits.load_digits()
-    self._quality = None
     self.latent_shape = (cfg.model.image_size,) * 2 + (cfg.model.channels,)
 
   def model_config(self, lora_rank=0):
@@ -63,6 +61,18 @@ class DigitsTask:
                                            self.cfg.seed, writer, guard)
     finally:
       writer.close()
+
+  def latent_shape_at(self, resolution, field="eval.resolution"):
+    if resolution not in (0, self.cfg.model.image_size):
+      raise config_lib.ConfigError(f"config.{field}: the digits DiT samples {self.cfg.model.image_size}x"
+                                   f"{self.cfg.model.image_size} images only")
+    return self.latent_shape
+
+  def sampling_grid(self, num_steps, resolution=0):
+    """The sampling grid (rollouts, eval, analysis, training timesteps): ``rollout.grid`` kind, static shift."""
+    del resolution
+    r = self.cfg.rollout
+    return np.asarray(schedules.sampling_grid(int(num_steps), float(r.shift), kind=r.get("grid", "linear")))
 
   def sample_prompts(self, key, n):
     return jax.random.randint(key, (n,), 0, self.cfg.model.num_classes), None
@@ -99,14 +109,27 @@ class DigitsTask:
     """Pixels are the samples: the identity as ``decode_fn(params, z)``, no params."""
     return (lambda params, z: z), None
 
-  def quality(self, images, cond):
-    if self._quality is None:
-      self._quality = quality_lib.DigitQuality(seed=self.cfg.seed)
-    return self._quality(images, cond)
+  @staticmethod
+  def _proxies():
+    """One fixed instrument for every run and seed (analysis/quality.py: an MLP on digits part B, never seen by the
+    reward), fitted once per process."""
+    return quality_lib.digit_quality(0)
 
-  def real_quality(self, n):
-    """The proxies' level on n real digits (the same set size as the eval set)."""
-    return self.quality(self.images[:n], self.labels[:n])
+  def quality(self, images, cond):
+    return self._proxies()(images, cond)
+
+  def quality_per_sample(self, images, cond):
+    return self._proxies().per_sample(images, cond)
+
+  def quality_aggregate(self, per_sample):
+    return self._proxies().aggregate(per_sample)
+
+  def quality_set_stats(self):
+    return self._proxies().set_stats
+
+  def real_quality(self, cond):
+    """The proxies' level on real digits (part A, which the proxies never saw) with the eval set's classes and size."""
+    return self._proxies().real_level(np.asarray(cond), draws=None)
 
   def sample_grid(self, images, cond, prompts, path, title):
     del prompts

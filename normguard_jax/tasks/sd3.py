@@ -9,6 +9,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from normguard_jax.convert.safetensors_io import read_config
 from normguard_jax.convert import sd3 as sd3_convert, vae as vae_convert
 from normguard_jax.models import mmdit, vae as vae_lib
 from normguard_jax.tasks.text_to_image import TextToImageTask
@@ -24,17 +25,17 @@ class SD3Task(TextToImageTask):
   lora_targets = mmdit.LORA_TARGETS
   model_module = mmdit
 
-  def __init__(self, cfg):
-    super().__init__(cfg)
+  def __init__(self, cfg, text_len=None):
+    super().__init__(cfg, text_len)
     m = cfg.model
-    self._transformer_dir = sd3_convert.resolve_component_dir(m.weights_dir, "transformer",
+    self._transformer_dir = self._component("transformer",
                                                                sd3_convert.CLASS_NAMES)
-    self.base_cfg = sd3_convert.config_from_diffusers(sd3_convert.read_config(self._transformer_dir),
+    self.base_cfg = sd3_convert.config_from_diffusers(read_config(self._transformer_dir),
                                                       **_runtime(m))
-    self._vae_dir = vae_convert.resolve_component_dir(m.weights_dir, "vae", vae_convert.CLASS_NAMES)
-    self.vae_cfg = vae_convert.config_from_diffusers(vae_convert.read_config(self._vae_dir), dtype=m.dtype)
+    self._vae_dir = self._component("vae", vae_convert.CLASS_NAMES)
+    self.vae_cfg = vae_convert.config_from_diffusers(read_config(self._vae_dir), dtype=m.dtype)
     self._check_latents(self.vae_cfg.downsample_factor, self.base_cfg.patch_size, self.base_cfg.in_channels,
-                        self.vae_cfg.latent_channels)
+                        self.vae_cfg.latent_channels, max_grid=self.base_cfg.pos_embed_max_size)
     self._check_embeddings(self.base_cfg.joint_attention_dim, self.base_cfg.pooled_projection_dim)
     self.vae_decode = vae_lib.decode  # (params, z, vae_cfg) -> pixels
 
@@ -48,6 +49,12 @@ class SD3Task(TextToImageTask):
     return params, {"weights_dir": os.path.abspath(m.weights_dir), "params": int(mmdit.param_count(params)),
                     "param_dtype": m.param_dtype}
 
+  def abstract_example(self, text_len):
+    """A zero dataset example of ``text_len`` tokens (77 CLIP + the T5 tokens in the SD3 layout)."""
+    c = self.base_cfg
+    return {"prompt": "", "prompt_embeds": np.zeros((text_len, c.joint_attention_dim), np.float32),
+            "pooled": np.zeros((c.pooled_projection_dim,), np.float32)}
+
   def cond_from_examples(self, examples):
-    return {"prompt_embeds": jnp.asarray(np.stack([e["prompt_embeds"] for e in examples])),
-            "pooled": jnp.asarray(np.stack([e["pooled"] for e in examples]))}
+    return {"prompt_embeds": np.stack([e["prompt_embeds"] for e in examples]),
+            "pooled": np.stack([e["pooled"] for e in examples])}

@@ -14,7 +14,9 @@ Everything comes from local files named in the config; nothing is downloaded:
 
 import dataclasses
 import functools
+import logging
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,9 @@ import numpy as np
 from normguard_jax import config as config_lib
 from normguard_jax.convert import vae as vae_convert
 from normguard_jax.data import text_embeddings
+from normguard_jax.flow import schedules
+
+log = logging.getLogger(__name__)
 
 
 @functools.partial(jax.jit, static_argnames=("decode_fn", "vae_cfg"))
@@ -33,17 +38,82 @@ def _decode_jit(params, z, *, decode_fn, vae_cfg):
 
 class TextToImageTask:
   quality_labels = {}  # no proxies in the trainer: held-out evaluation is normguard_jax.analysis's job
-  grid_mu = None       # resolution-dependent time shift (FLUX); None = the static rollout.shift
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, text_len=None):
+    """``text_len``: build the task without data (no embeddings are opened; :meth:`cond_spec` gives the shapes of
+    ``text_len`` text tokens), for the ahead-of-time compilation of a recipe (parallel/aot.py)."""
     self.cfg = cfg
-    d = cfg.data
-    self.data = text_embeddings.load_text_embeddings(d.embeddings_dir, d.split)
-    self.eval_data = text_embeddings.load_text_embeddings(d.embeddings_dir, d.eval_split) if d.eval_split else self.data
+    self.text_len = text_len
     self._negative = None
+    self._vae_params = None
+    if text_len is not None:
+      self.data = self.eval_data = self.held_out = None
+      return
+    d = cfg.data
+    self.data = self._open(d.embeddings_dir, d.split, "data.embeddings_dir")
+    self.held_out, self.eval_source = self._eval_source()
+    self.eval_data = self.data if not self.held_out else self._open(*self.eval_source, "data.eval_embeddings_dir")
     if cfg.rollout.cfg_scale != 1.0:
       self._load_negative()  # fail at start-up, not at the first CFG rollout
-    self._vae_params = None
+
+  def _snapshot_dir(self):
+    """The diffusers snapshot named by ``model.weights_dir``, checked before anything loads: ``transformer/`` and
+    ``vae/`` with their config.json. A path to the snapshot's ``transformer/`` folder is accepted (its parent is the
+    snapshot); anything else is a ConfigError naming the layout."""
+    path = os.path.abspath(os.path.expanduser(self.cfg.model.weights_dir))
+    has = lambda d, c: os.path.isfile(os.path.join(d, c, "config.json"))
+    if not has(path, "transformer") and os.path.isfile(os.path.join(path, "config.json")) and has(
+        os.path.dirname(path), "transformer") and os.path.basename(path) == "transformer":
+      log.info("model.weights_dir %s is the snapshot's transformer/ folder; using the snapshot %s", path,
+               os.path.dirname(path))
+      path = os.path.dirname(path)
+    missing = [c for c in ("transformer", "vae") if not has(path, c)]
+    if missing:
+      raise config_lib.ConfigError(
+          f"config.model.weights_dir: {path} is not a diffusers pipeline snapshot: no {' or '.join(missing)}/ with a "
+          "config.json (expected SNAP/transformer/ and SNAP/vae/, as `save_pretrained` or a Hugging Face snapshot "
+          "lays them out; pass the snapshot's top folder)")
+    return path
+
+  def _component(self, component, class_names):
+    from normguard_jax.convert.safetensors_io import ConversionError, resolve_component_dir
+    try:
+      return resolve_component_dir(self._snapshot_dir(), component, class_names)
+    except ConversionError as e:
+      raise config_lib.ConfigError(f"config.model.weights_dir: {component}/: {e}") from e
+
+  def _open(self, directory, split, field):
+    try:
+      source = text_embeddings.load_text_embeddings(directory, split)
+    except text_embeddings.NotTextEmbeddingsError as e:
+      raise config_lib.ConfigError(f"config.{field}: {e}") from e
+    except (KeyError, ValueError) as e:
+      have = sorted(text_embeddings.splits(directory))
+      raise config_lib.ConfigError(f"config.{field}: {directory} has no split {split!r} (it has {have}); add one "
+                                   f"with `encode_prompts PIPELINE PROMPTS {directory} --split {split}`") from e
+    want = int(self.cfg.data.get("max_sequence_length", 0) or 0)
+    have_len = text_embeddings.describe(directory)["metadata"].get("max_sequence_length")
+    if want and have_len is not None and int(have_len) != want:
+      raise config_lib.ConfigError(
+          f"config.{field}: {directory} was encoded with max_sequence_length {have_len}, the recipe's reference uses "
+          f"{want} (data.max_sequence_length); encode with --max-sequence-length {want}, or set "
+          f"--config.data.max_sequence_length=0 to accept it")
+    return source
+
+  def _eval_source(self):
+    """Held-out eval prompts (issue 15): ``data.eval_split`` of ``data.eval_embeddings_dir`` (default: the embeddings
+    dir) when set; else a ``test`` split there when one exists; else the training prompts, said loudly (the report
+    records ``held_out_prompts``). Returns (held_out, (directory, split))."""
+    d = self.cfg.data
+    directory = d.get("eval_embeddings_dir", "") or d.embeddings_dir
+    split = d.eval_split or ("test" if "test" in text_embeddings.splits(directory) and (
+        directory != d.embeddings_dir or d.split != "test") else "")
+    if split and (directory, split) != (d.embeddings_dir, d.split):
+      return True, (directory, split)
+    log.warning("eval prompts are TRAINING prompts (no held-out split): eval reward measures fitting, not "
+                "generalisation. Add one with `encode_prompts PIPELINE test_prompts.txt %s --split test` (used "
+                "automatically) or pass --config.data.eval_embeddings_dir / --config.data.eval_split", directory)
+    return False, (d.embeddings_dir, d.split)
 
   def _load_negative(self):
     """The negative prompt's example (split ``data.negative_split`` of ``data.negative_dir``), loaded once."""
@@ -117,6 +187,13 @@ class TextToImageTask:
   def init_lora(self, model_cfg, key):
     return self.model_module.init_lora(model_cfg, key)
 
+  def sampling_grid(self, num_steps, resolution=0):
+    """The sampling grid (rollouts, eval, analysis, training timesteps): ``rollout.grid`` kind with the static
+    ``rollout.shift`` (SD3; FLUX overrides it with its resolution-dependent mu)."""
+    del resolution
+    r = self.cfg.rollout
+    return np.asarray(schedules.sampling_grid(int(num_steps), float(r.shift), kind=r.get("grid", "linear")))
+
   def _stack(self, examples):
     return self.cond_from_examples(examples), [e["prompt"] for e in examples]
 
@@ -131,7 +208,7 @@ class TextToImageTask:
     """The negative prompt's conditioning, one row per row of ``cond``."""
     rows = jax.tree_util.tree_leaves(cond)[0].shape[0]
     neg = self.cond_from_examples([self._load_negative()])
-    return jax.tree_util.tree_map(lambda a: jnp.repeat(a, rows, axis=0), neg)
+    return jax.tree_util.tree_map(lambda a: np.repeat(a, rows, axis=0), neg)
 
   def decode(self, latents):
     """Latents -> pixels in [-1, 1], in chunks of ``model.decode_batch`` rows (VAE activations are large)."""
@@ -155,11 +232,40 @@ class TextToImageTask:
     return {}
 
   @staticmethod
-  def real_quality(n):
-    del n
+  def quality_per_sample(images, cond):
+    del images, cond
     return {}
 
+  @staticmethod
+  def quality_aggregate(per_sample):
+    del per_sample
+    return {}
+
+  @staticmethod
+  def quality_set_stats():
+    return {}
+
+  @staticmethod
+  def real_quality(cond):
+    del cond
+    return {}
+
+  def cond_spec(self, rows):
+    """Abstract conditioning of ``rows`` rows (ShapeDtypeStructs) for ahead-of-time compilation: a dataset example's
+    shapes, or ``text_len`` tokens for a task built without data."""
+    import jax
+    if self.text_len is not None:
+      example = self.abstract_example(self.text_len)
+    else:
+      example = {k: np.zeros(v, np.float32) for k, v in (("prompt_embeds", self.data.prompt_embeds_shape),
+                                                          ("pooled", self.data.pooled_shape))}
+      example["prompt"] = ""
+    cond = self.cond_from_examples([example])
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((rows,) + a.shape[1:], a.dtype), cond)
+
   def _check_embeddings(self, embed_dim, pooled_dim=None):
+    if self.text_len is not None:
+      return
     _, d = self.data.prompt_embeds_shape
     ok = d == embed_dim and (pooled_dim is None or self.data.pooled_shape == (pooled_dim,))
     if not ok:
@@ -168,15 +274,29 @@ class TextToImageTask:
           f"do not fit the transformer (text width {embed_dim}, pooled {pooled_dim}); encode the prompts with this "
           "model's text encoders")
 
-  def _check_latents(self, factor, patch, latent_channels, vae_channels):
+  def _check_latents(self, factor, patch, latent_channels, vae_channels, max_grid=None):
     m = self.cfg.model
-    if m.resolution % (factor * patch):
-      raise config_lib.ConfigError(f"config.model.resolution: {m.resolution} is not a multiple of {factor * patch} "
-                                   "(VAE factor x patch size)")
     if latent_channels != vae_channels:
       raise config_lib.ConfigError(f"{m.weights_dir}: the VAE has {vae_channels} latent channels but the "
                                    f"transformer takes {latent_channels}")
-    self.latent_shape = (m.resolution // factor, m.resolution // factor, latent_channels)
+    self._latent = (factor, patch, latent_channels, max_grid)
+    self.latent_shape = self.latent_shape_at(m.resolution, "model.resolution")
+    if self.cfg.eval.get("resolution", 0):
+      self.latent_shape_at(self.cfg.eval.resolution, "eval.resolution")
+
+  def latent_shape_at(self, resolution, field="model.resolution"):
+    """Latent (H, W, C) of images of ``resolution`` pixels; a ConfigError naming ``field`` when the model cannot
+    take that size (a multiple of the VAE factor x patch size, within SD3's pos_embed_max_size)."""
+    factor, patch, channels, max_grid = self._latent
+    resolution = int(resolution) or int(self.cfg.model.resolution)
+    if resolution <= 0 or resolution % (factor * patch):
+      raise config_lib.ConfigError(f"config.{field}: {resolution} is not a positive multiple of {factor * patch} "
+                                   "(VAE factor x patch size)")
+    if max_grid is not None and resolution // (factor * patch) > max_grid:
+      raise config_lib.ConfigError(
+          f"config.{field}: {resolution} px is a {resolution // (factor * patch)}-token grid per side, beyond the "
+          f"transformer's pos_embed_max_size {max_grid} (at most {max_grid * factor * patch} px)")
+    return (resolution // factor, resolution // factor, channels)
 
   def sample_grid(self, images, cond, prompts, path, title):
     import matplotlib
