@@ -11,12 +11,14 @@ import os
 
 import ml_collections
 
-from normguard_jax.rl import awm, normguard as ng
+from normguard_jax.flow import samplers, schedules
+from normguard_jax.rl import advantages, awm, normguard as ng
 from normguard_jax.models import attention as attention_lib
 from normguard_jax.models import dit, flux, layers, mmdit
 from normguard_jax.rewards.api import REGISTRY as REWARDS
 from normguard_jax.rl.losses import BASE_LOSSES
 from normguard_jax.train import fused
+from normguard_jax.train import state as state_lib
 
 
 class ConfigError(ValueError):
@@ -61,30 +63,67 @@ def _parse_value(text, current):
   return value
 
 
+# Groups whose keys are names chosen by the user (a reward's name, a reward's option): an override may add a key
+# there, e.g. --config.reward.terms.remote=1.0 --config.reward.options.remote.url=http://host:8000/score.
+OPEN_GROUPS = ("reward.terms", "reward.options")
+
+
+def _flat_keys(node, prefix=""):
+  out = []
+  for k in node.keys():
+    v = node[k]
+    out.append(prefix + k)
+    if isinstance(v, ml_collections.ConfigDict):
+      out.extend(_flat_keys(v, f"{prefix}{k}."))
+  return out
+
+
+def _unknown_key(cfg, key, item):
+  import difflib
+  close = difflib.get_close_matches(key, _flat_keys(cfg), n=3, cutoff=0.6)
+  hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+  return ConfigError(f"unknown config key {key!r} in override {item!r}{hint}")
+
+
 def apply_overrides(cfg, overrides):
-  """``overrides``: list of 'a.b=value' strings. Unknown keys and type changes raise ConfigError."""
+  """``overrides``: list of 'a.b=value' strings. Unknown keys (with a "did you mean") and type changes raise
+  ConfigError; keys under OPEN_GROUPS may be added."""
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:
       raise ConfigError(f"override {item!r} is not of the form key=value")
     node, parts = cfg, key.split(".")
-    for i, part in enumerate(parts):
+    for i, part in enumerate(parts[:-1]):
+      path = ".".join(parts[:i + 1])
+      if isinstance(node, ml_collections.ConfigDict) and part not in node and any(
+          path.startswith(g + ".") for g in OPEN_GROUPS):
+        with node.unlocked():
+          node[part] = ml_collections.ConfigDict()  # a new named group, e.g. reward.options.remote
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r} in override {item!r}")
-      if i < len(parts) - 1:
-        node = node[part]
-    current = node[parts[-1]]
+        raise _unknown_key(cfg, path, item)
+      node = node[part]
+    last = parts[-1]
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise _unknown_key(cfg, key, item)
+    if last not in node:
+      if not any(key.startswith(g + ".") for g in OPEN_GROUPS):
+        raise _unknown_key(cfg, key, item)
+      value = _parse_value(text, None)
+      with node.unlocked():
+        node[last] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+      continue
+    current = node[last]
     value = _parse_value(text, current)
     if isinstance(current, ml_collections.ConfigDict):
       if not isinstance(value, dict):
         raise ConfigError(f"config key {key!r} is a group; override its fields, or pass a dict")
       value = ml_collections.ConfigDict(value)
       with node.unlocked():
-        node[parts[-1]] = value
+        node[last] = value
       continue
     if current is not None and type(value) is not type(current):
       raise ConfigError(f"config key {key!r} expects {type(current).__name__}, got {text!r}")
-    node[parts[-1]] = value
+    node[last] = value
   return cfg
 
 
@@ -142,6 +181,74 @@ def _validate_text(cfg):
            "expected 'float32', 'bfloat16' or 'float16'")
 
 
+def train_rows(cfg, method):
+  """Rows of one train batch (before microbatching): NFT/AWM/GRPO one per rollout row and training timestep; DPO
+  one winner and one loser row per group and training timestep."""
+  r, t = cfg.rollout, cfg.rl.num_train_timesteps
+  return 2 * r.prompts_per_iter * t if method == "dpo" else r.prompts_per_iter * r.group_size * t
+
+
+def check_task_layout(cfg, task):
+  """Checks that need the task's sampling grid: the training-timestep window of the NFT/AWM rule is not empty."""
+  rl = cfg.rl
+  if not {"nft", "awm"} & set(csv(rl.methods)):
+    return
+  k = cfg.rollout.num_steps
+  try:
+    window = schedules.train_index_window(k, task.sampling_grid(k), rl.num_train_timesteps,
+                                          rule=rl.get("timestep_rule", "index_fraction"), fraction=rl.timestep_fraction)
+  except ValueError as e:
+    raise ConfigError(f"config.rl.timestep_rule: {e}") from e
+  if not window:
+    raise ConfigError(f"config.rl.timestep_rule: the rule draws no sampler step of the {k}-step grid")
+
+
+def check_batch_layout(cfg, num_devices):
+  """Every batch the loop builds (rollout chunks, train batches, microbatches) must split evenly over the mesh's
+  batch axes data x fsdp: otherwise the step fails at its first call with a sharding error, or (rollouts) every chip
+  computes every row. Checked before any compute; the error names the field and the mesh. Evaluation batches are
+  padded instead (exact: the copies are dropped)."""
+  from normguard_jax.parallel import mesh as mesh_lib
+  m = cfg.mesh
+  if int(m.get("num_devices", 0)):
+    _check(int(m.num_devices) <= num_devices, "mesh.num_devices",
+           f"{m.num_devices} exceeds the {num_devices} devices available")
+    num_devices = int(m.num_devices)
+  dcn = [int(m.get(f"dcn_{a}", 1)) for a in mesh_lib.AXES]
+  slices = dcn[0] * dcn[1] * dcn[2]
+  try:
+    if num_devices % slices:
+      raise ValueError(f"{num_devices} devices do not split into {slices} slices")
+    ici = mesh_lib.resolve_axis_sizes([int(m.get(a, 1)) for a in mesh_lib.AXES], num_devices // slices)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from e
+  sizes = {a: i * d for a, i, d in zip(mesh_lib.AXES, ici, dcn)}
+  n = sizes["data"] * sizes["fsdp"]
+  where = f"the mesh's batch axes data x fsdp = {sizes['data']} x {sizes['fsdp']} = {n} (mesh {sizes}, " \
+          f"{num_devices} devices)"
+  r, rl = cfg.rollout, cfg.rl
+  rows = r.prompts_per_iter * r.group_size
+  chunk = rows if r.chunk <= 0 else min(r.chunk, rows)
+  _check(rows % chunk == 0, "rollout.chunk", f"{chunk} does not divide the {rows} rollout rows "
+         f"(rollout.prompts_per_iter x rollout.group_size)")
+  _check(chunk % n == 0, "rollout.chunk" if chunk < rows else "rollout.prompts_per_iter",
+         f"a rollout call of {chunk} rows does not split over {where}; pick a multiple of {n}")
+  updates = int(rl.get("updates_per_iter", 1))
+  for method in csv(rl.methods):
+    total, mb = train_rows(cfg, method), int(rl.get("num_microbatches", 1))
+    half = total // 2 if method == "dpo" else total
+    _check(half % updates == 0, "rl.updates_per_iter", f"{updates} updates do not divide the {half} {method} train "
+           f"rows{' per half (winners, losers)' if method == 'dpo' else ''}")
+    half //= updates
+    _check(half % mb == 0, "rl.num_microbatches", f"{mb} microbatches do not divide the {half} {method} train rows"
+           f"{' per half (winners, losers)' if method == 'dpo' else ''}{' of an update' if updates > 1 else ''}")
+    rows_mb = total // (mb * updates)
+    field = "rl.num_microbatches" if mb > 1 else "rl.updates_per_iter" if updates > 1 else "rollout.prompts_per_iter"
+    _check(rows_mb % n == 0, field, f"a {method} train {'micro' if mb > 1 else ''}batch of {rows_mb} rows does not "
+           f"split over {where}")
+  return sizes
+
+
 def validate(cfg):
   """Raise ConfigError on the first invalid value. Returns cfg."""
   task = cfg.get("task", "digits")
@@ -175,6 +282,8 @@ def validate(cfg):
   _check(cfg.nft.adv_clip_max > 0, "nft.adv_clip_max", "must be > 0")
   _check(cfg.awm.weighting in awm.WEIGHTINGS, "awm.weighting", f"expected one of {awm.WEIGHTINGS}")
   _check(cfg.dpo.beta > 0, "dpo.beta", "must be > 0")
+  _check(cfg.dpo.get("ties", "next") in advantages.TIE_RULES, "dpo.ties", f"expected one of {advantages.TIE_RULES}")
+  _check(0 <= cfg.dpo.get("t_clamp", 0.0) < 0.5, "dpo.t_clamp", "must be in [0, 0.5)")
   _check(cfg.grpo.noise_level > 0, "grpo.noise_level", "must be > 0: GRPO needs SDE rollouts")
   _check(cfg.normguard.mode in ng.MODES, "normguard.mode", f"expected one of {ng.MODES}")
   _check(cfg.normguard.hinge in ng.HINGES, "normguard.hinge", f"expected one of {ng.HINGES}")
@@ -185,9 +294,63 @@ def validate(cfg):
     _check(name in REWARDS, "reward.terms", f"unknown reward {name!r}; known: {sorted(REWARDS)}")
   for name in reward_options(cfg):
     _check(name in cfg.reward.terms, "reward.options", f"options for {name!r}, which is not in reward.terms")
-  usable = max(int(cfg.rollout.num_steps * cfg.rl.timestep_fraction), 1)
-  _check(cfg.rl.num_train_timesteps <= usable, "rl.num_train_timesteps",
-         f"{cfg.rl.num_train_timesteps} exceeds the {usable} usable sampler steps "
-         f"(rollout.num_steps * rl.timestep_fraction)")
+  rl, r = cfg.rl, cfg.rollout
+  rule = rl.get("timestep_rule", "index_fraction")
+  _check(rule in schedules.TRAIN_INDEX_RULES, "rl.timestep_rule",
+         f"unknown rule {rule!r}; expected one of {schedules.TRAIN_INDEX_RULES}")
+  _check(0 < rl.timestep_fraction <= 1, "rl.timestep_fraction", "must be in (0, 1]")
+  if rule == "index_fraction":
+    usable = max(int(r.num_steps * rl.timestep_fraction), 1)
+    _check(rl.num_train_timesteps <= usable, "rl.num_train_timesteps",
+           f"{rl.num_train_timesteps} exceeds the {usable} usable sampler steps "
+           f"(rollout.num_steps * rl.timestep_fraction)")
+  elif rule == "random_subset":
+    _check(rl.num_train_timesteps <= r.num_steps, "rl.num_train_timesteps",
+           f"{rl.num_train_timesteps} exceeds the {r.num_steps} sampler steps (rl.timestep_rule 'random_subset')")
+  share = int(rl.get("timestep_share_rows", 0))
+  _check(share >= 0, "rl.timestep_share_rows", "must be >= 0 (0 = one draw per sample)")
+  if share:
+    _check((r.prompts_per_iter * r.group_size) % share == 0, "rl.timestep_share_rows",
+           f"{share} does not divide the {r.prompts_per_iter * r.group_size} rollout rows")
+  _check(r.get("grid", "linear") in schedules.GRID_KINDS, "rollout.grid", f"expected one of {schedules.GRID_KINDS}")
+  solver = r.get("solver", "euler")
+  _check(solver in samplers.SOLVERS, "rollout.solver", f"expected one of {samplers.SOLVERS}")
+  _check(solver == "euler" or r.noise_level == 0, "rollout.solver",
+         f"{solver!r} is deterministic; rollout.noise_level must be 0 (the SDE runs with 'euler')")
+  _check(rl.get("adv_eps_kind", "add") in advantages.EPS_KINDS, "rl.adv_eps_kind",
+         f"expected one of {advantages.EPS_KINDS}")
+  _check(rl.get("adv_aggregation", "sum") in advantages.AGGREGATIONS, "rl.adv_aggregation",
+         f"expected one of {advantages.AGGREGATIONS}")
+  _check(rl.get("adv_eps", 1e-4) > 0, "rl.adv_eps", "must be > 0")
+  _check(rl.get("ema_kind", "piecewise_linear") in state_lib.EMA_KINDS, "rl.ema_kind",
+         f"expected one of {state_lib.EMA_KINDS}")
+  _check(rl.get("ema_step", "update") in ("update", "iteration"), "rl.ema_step", "expected 'update' or 'iteration'")
+  _check(isinstance(rl.get("updates_per_iter", 1), int) and rl.get("updates_per_iter", 1) >= 1,
+         "rl.updates_per_iter", "must be an integer >= 1")
+  _check(cfg.awm.get("adv_mode", "div5") in awm.ADV_MODES, "awm.adv_mode", f"expected one of {awm.ADV_MODES}")
+  _check(isinstance(cfg.eval.get("chunk", 0), int) and cfg.eval.get("chunk", 0) >= 0, "eval.chunk",
+         "must be an integer >= 0 (0 = every eval row in one sampler call)")
+  _check(cfg.eval.get("solver", "") in ("",) + samplers.SOLVERS, "eval.solver",
+         f"expected '' (the rollouts') or one of {samplers.SOLVERS}")
+  _check(cfg.eval.get("policy", "raw") in ("raw", "old", "ema"), "eval.policy", "expected 'raw', 'old' or 'ema'")
+  _check(cfg.eval.get("ema_kind", "power") in state_lib.EMA_KINDS, "eval.ema_kind",
+         f"expected one of {state_lib.EMA_KINDS}")
+  _check(cfg.normguard.lam.get("excess", "hinge") in ng.EXCESS_KINDS, "normguard.lam.excess",
+         f"expected one of {ng.EXCESS_KINDS}")
+  if rl.get("init_from", ""):
+    _check(os.path.isdir(os.path.expanduser(rl.init_from)), "rl.init_from",
+           f"{rl.init_from!r} is not a directory (a run folder WORKDIR/runs/NAME)")
+  if rl.get("train_cfg", False):
+    _check(r.cfg_scale != 1.0, "rl.train_cfg", "CFG in the training forward needs rollout.cfg_scale != 1")
+  if "grpo" in csv(cfg.rl.methods):
+    k = cfg.rollout.num_steps  # GRPO trains on stored SDE transitions; the last step is deterministic (no log-prob)
+    grpo_usable = max(int(k * min(cfg.rl.timestep_fraction, (k - 1) / k)), 1)
+    _check(k >= 2 and cfg.rl.num_train_timesteps <= grpo_usable, "rl.num_train_timesteps",
+           f"{cfg.rl.num_train_timesteps} exceeds the {grpo_usable} SDE transitions GRPO can train on "
+           f"(min(rl.timestep_fraction, (K - 1) / K) of K = rollout.num_steps = {k}; the last step has no log-prob)")
+    _check(cfg.rollout.cfg_scale == 1.0 or cfg.rl.get("train_cfg", False), "rollout.cfg_scale",
+           "Flow-GRPO with CFG is refused unless the training forward applies the same CFG: the rollout log-probs "
+           "include CFG, so the importance ratio would start away from 1; use rollout.cfg_scale=1 or "
+           "rl.train_cfg=true")
   (_validate_digits if task == "digits" else _validate_text)(cfg)
   return cfg

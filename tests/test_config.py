@@ -22,7 +22,7 @@ def test_default_and_smoke_configs_validate():
 def test_overrides_parse_types():
   cfg = config_lib.apply_overrides(config_lib.load(CFG), ["rl.iterations=7", "rl.lr=1", "rl.methods=nft,dpo",
                                                           "normguard.lam.kind=adaptive",
-                                                          "reward.terms={'contrast': 2.0}"])
+                                                          "reward.terms={'contrast': 2.0}", "reward.options={}"])
   assert cfg.rl.iterations == 7 and cfg.rl.lr == 1.0 and isinstance(cfg.rl.lr, float)
   assert config_lib.csv(cfg.rl.methods) == ["nft", "dpo"]
   assert dict(cfg.reward.terms) == {"contrast": 2.0}
@@ -72,3 +72,56 @@ def test_cli_bad_key_and_missing_workdir_parent_fail_fast(tmp_path):
   assert not (tmp_path / "missing").exists()
   r = _cli("--config", "configs/nope.py", "--workdir", str(tmp_path / "w"))
   assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_open_groups_take_new_keys_and_unknown_keys_suggest_the_right_one():
+  cfg = config_lib.apply_overrides(config_lib.load("configs/sd35_medium_nft.py"), [
+      "reward.terms.remote=1.0", "reward.options.remote.url=http://127.0.0.1:9/score", "reward.options.remote.timeout_s=5"])
+  assert dict(cfg.reward.terms) == {"pickscore": 1.0, "remote": 1.0}
+  assert dict(cfg.reward.options.remote) == {"url": "http://127.0.0.1:9/score", "timeout_s": 5}
+  with pytest.raises(config_lib.ConfigError, match=r"did you mean 'rl.iterations'"):
+    config_lib.apply_overrides(config_lib.load(CFG), ["rl.iteration=3"])
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'rl.newkey'"):
+    config_lib.apply_overrides(config_lib.load(CFG), ["rl.newkey=3"])  # only reward.terms / reward.options are open
+
+
+@pytest.mark.parametrize("overrides,devices,match", [
+    # issue 12: DPO with 3 prompts makes 6 rollout rows and 2 x 3 x T train rows; fsdp 8 divides neither
+    (["rl.methods=dpo", "rollout.prompts_per_iter=3", "rollout.group_size=2"], 8, "rollout.prompts_per_iter"),
+    (["rl.methods=nft", "rollout.chunk=4"], 8, "rollout.chunk"),
+    (["rl.methods=nft", "rollout.chunk=5"], 1, r"rollout.chunk: 5 does not divide the 16"),
+    (["rl.methods=nft", "rl.num_microbatches=16"], 8, "rl.num_microbatches"),
+    (["rl.methods=dpo", "rl.num_microbatches=3"], 1, r"per half"),
+    (["mesh.fsdp=3"], 8, "config.mesh"),
+])
+def test_batches_the_mesh_does_not_divide_are_refused_before_any_compute(overrides, devices, match):
+  cfg = config_lib.apply_overrides(config_lib.load(CFG + ":smoke"), overrides)
+  config_lib.validate(cfg)
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.check_batch_layout(cfg, devices)
+
+
+def test_batch_layout_of_the_shipped_configs_fits_8_devices():
+  for name in (CFG, CFG + ":smoke"):
+    sizes = config_lib.check_batch_layout(config_lib.load(name), 8)
+    assert sizes == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_grpo_steps_it_cannot_serve_and_grpo_with_cfg_are_refused():
+  base = ["rl.methods=grpo", "rollout.num_steps=10", "rl.timestep_fraction=1.0"]
+  config_lib.validate(config_lib.apply_overrides(config_lib.load(CFG), base + ["rl.num_train_timesteps=9"]))
+  with pytest.raises(config_lib.ConfigError, match="SDE transitions GRPO can train on"):
+    config_lib.validate(config_lib.apply_overrides(config_lib.load(CFG), base + ["rl.num_train_timesteps=10"]))
+  with pytest.raises(config_lib.ConfigError, match="Flow-GRPO with CFG is refused"):
+    config_lib.validate(config_lib.apply_overrides(config_lib.load(CFG), base + ["rollout.cfg_scale=2.0"]))
+
+
+def test_train_without_config_lists_the_recipes(tmp_path):
+  from normguard_jax.train import __main__ as cli
+  import contextlib
+  import io
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    assert cli.main(["--workdir", str(tmp_path / "w")]) == 2
+  assert "--config is required" in err.getvalue() and "configs/sd35_medium_nft.py" in err.getvalue()
+  assert "--config.model.weights_dir=..." in cli.recipes_help()

@@ -122,7 +122,7 @@ def main(argv=None):
         distributed.maybe_initialize()
       wd = workdir_lib.load_workdir(workdir, runs=runs, require_done=not args.allow_unfinished, overrides=args.set,
                                     shard=args.shard)
-      quality = quality_lib.for_task(wd.task, int(wd.cfg.seed))
+      quality = quality_lib.for_task(wd.task, 0)  # the trainer's fixed proxies
       if args.command == "evaluate":
         from normguard_jax.analysis import evaluate
         w = args.cfg_scale or (float(wd.cfg.rollout.cfg_scale) if float(wd.cfg.rollout.cfg_scale) > 1 else 3.0)

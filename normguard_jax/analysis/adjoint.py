@@ -135,19 +135,22 @@ def coherence_stats(g, alpha=0.05):
           "coherent_steps": n_coh, "num_steps": len(per), "batch": int(g.shape[1])}
 
 
-def _compiled(apply, reward_fn, decode_fn, prompts):
+def _compiled(apply, reward_fn, decode_fn, prompts, mesh=None):
   """Jitted (sensitivities, reward_of_eps) for one velocity function, taking the variables, the decoder params and
-  the CFG input as arguments. ``prompts`` (static) reach prompt-aware rewards."""
+  the CFG input as arguments. ``prompts`` (static) reach prompt-aware rewards. With ``mesh`` (``--shard``) they are
+  traced under the activation mesh (train/programs.sharded_jit)."""
+  from normguard_jax.train import programs
   def vel(variables, cond, uncond, scale):
     return lambda x, t: sampling.guided(apply, variables, x, t, cond, scale, uncond)
 
   def reward_with_prompts(batch):
     return reward_fn(RewardBatch(batch.images, batch.cond, prompts))
 
-  sens = jax.jit(lambda variables, dec, x1, cond, uncond, grid, scale: sensitivities(
-      x1, cond, grid, vel(variables, cond, uncond, scale), reward_with_prompts, lambda z: decode_fn(dec, z)))
-  rew = jax.jit(lambda variables, dec, eps, x1, cond, uncond, grid, scale: reward_of_eps(
-      eps, x1, cond, grid, vel(variables, cond, uncond, scale), reward_with_prompts, lambda z: decode_fn(dec, z)))
+  sens = programs.sharded_jit(lambda variables, dec, x1, cond, uncond, grid, scale: sensitivities(
+      x1, cond, grid, vel(variables, cond, uncond, scale), reward_with_prompts, lambda z: decode_fn(dec, z)), mesh)
+  rew = programs.sharded_jit(lambda variables, dec, eps, x1, cond, uncond, grid, scale: reward_of_eps(
+      eps, x1, cond, grid, vel(variables, cond, uncond, scale), reward_with_prompts, lambda z: decode_fn(dec, z)),
+      mesh)
   return sens, rew
 
 
@@ -179,7 +182,7 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=4, num_steps=None, cfg_sc
   fns = {}
   for name, mcfg, variables in tqdm(models, desc="adjoint", unit="model"):
     if mcfg not in fns:
-      fns[mcfg] = _compiled(wd.velocity_apply(mcfg), reward_fn, decode_fn, prompts)
+      fns[mcfg] = _compiled(wd.velocity_apply(mcfg), reward_fn, decode_fn, prompts, wd.mesh)
     sens, rew = fns[mcfg]
     with jax.default_matmul_precision("highest"):
       r, g = common.host(sens(variables, dec_params, x1, cond, uncond, grid, scale))

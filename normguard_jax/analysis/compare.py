@@ -46,6 +46,7 @@ vs our RL iterations); ``--x fraction`` plots both against the fraction of train
 import csv
 import glob
 import json
+import logging
 import os
 import re
 import struct
@@ -54,6 +55,8 @@ import numpy as np
 
 from normguard_jax.analysis import common
 from normguard_jax.analysis import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
 
 class ScalarLogError(ValueError):
   """A path holds no readable scalar log, or a corrupt one."""
@@ -264,6 +267,40 @@ def _summary(steps, values):
           "last": float(v[-1]), "mean": float(np.nanmean(v)), "last_10pct_mean": float(np.nanmean(v[-tenth:]))}
 
 
+RECIPE_FIELDS_IGNORED = ("method", "normguard")  # the runs of one job differ in these by design
+
+
+def recipe_of(path):
+  """The settings record (train.programs.recipe_record) of one of our run folders (recipe.json) or workdirs
+  (report.json), or None for a foreign (PyTorch) log folder."""
+  path = os.path.abspath(path)
+  if os.path.isfile(os.path.join(path, "recipe.json")):
+    with open(os.path.join(path, "recipe.json")) as f:
+      return json.load(f)
+  if os.path.isfile(os.path.join(path, "report.json")):
+    with open(os.path.join(path, "report.json")) as f:
+      return json.load(f).get("recipe")
+  return None
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in (d or {}).items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def recipe_differences(a, b):
+  """["field: a != b", ...] over the settings that change the numbers (reference, grid, solver, timestep rule,
+  advantage mode, LoRA target count, ...)."""
+  fa, fb = _flat(a), _flat(b)
+  keys = sorted((set(fa) | set(fb)) - set(RECIPE_FIELDS_IGNORED))
+  return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
+
+
 def run(workdir, out_dir, torch_paths, *, runs=None, user_map=None, x="step", label=None):
   """Command body: read the PyTorch logs and our runs' metrics.jsonl, map names, write compare.json and
   compare.png (one panel per mapped metric; foreign curves solid black, ours coloured)."""
@@ -287,7 +324,19 @@ def run(workdir, out_dir, torch_paths, *, runs=None, user_map=None, x="step", la
       for n, d in ours.items():
         if mine in d:
           m["ours"][n] = _summary(*d[mine])
-  result = {"workdir": os.path.abspath(workdir), "x": x, "runs": names,
+  # runs made differently cannot be compared curve for curve: warn on every setting that differs (issue 19)
+  mine = {n: recipe_of(os.path.join(workdir, "runs", n)) for n in names}
+  differences = {}
+  for p in torch_paths:
+    theirs = recipe_of(p)
+    if theirs is None:
+      continue
+    for n, rec in mine.items():
+      diff = recipe_differences(rec, theirs) if rec is not None else ["(our run has no recipe.json)"]
+      if diff:
+        differences[f"{n} vs {p}"] = diff
+        log.warning("compare: %s and %s were made differently: %s", n, p, "; ".join(diff))
+  result = {"workdir": os.path.abspath(workdir), "x": x, "runs": names, "recipe_differences": differences,
             "sources": {p: {k: v for k, v in s.items() if k != "scalars"} for p, s in sources.items()},
             "metrics": metrics, "mapping_table": {**FLOW_FACTORY_MAP, **{p.pattern: r for p, r in
                                                                           FLOW_FACTORY_PATTERNS}}}

@@ -115,13 +115,13 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
   models = [("reference", ref_apply, wd.ref_variables, None)] + [
       (r.name, wd.velocity_apply(r.model_cfg), r.variables, r) for r in wd.runs.values()]
   rows = int(x1.shape[0])
-  held_out = None if task.name == "digits" else bool(cfg.data.get("eval_split", ""))  # digits: all classes
+  held_out = getattr(task, "held_out", None)  # digits: None (every class); text tasks: a held-out split is in use
   if held_out is False:
-    log.warning("evaluate: data.eval_split is empty, so the eval prompts are training prompts (not held out); pass "
-                "--set data.eval_split=SPLIT for a held-out split of data.embeddings_dir")
+    log.warning("evaluate: the eval prompts are TRAINING prompts (no held-out split); add a `test` split with "
+                "encode_prompts --split test, or pass --set data.eval_embeddings_dir=DIR / data.eval_split=SPLIT")
   result = {"settings": {"steps": sorted({s for s, _ in settings}), "cfg_scales": sorted({c for _, c in settings}),
                          "train_steps": train_steps, "shift": float(cfg.rollout.shift),
-                         "mu": getattr(task, "grid_mu", None), "task": task.name, "samples": rows,
+                         "mu": sampling.task_mu(task, train_steps), "task": task.name, "samples": rows,
                          "per_condition": int(per_class), "eval_key": "seed + 777 (held out)",
                          "held_out_prompts": held_out,
                          "cfg_skipped": skipped, "quality_labels": quality_labels(task, quality)},
@@ -134,7 +134,8 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, steps=None, cfg_scale
   jobs = [(m, s) for m in models for s in settings]
   for (name, apply, variables, run_model), (num_steps, scale) in tqdm(jobs, desc="evaluate", unit="setting"):
     grid = sampling.grid_for_task(task, cfg, num_steps)
-    kw = dict(policy_apply=apply, ref_apply=ref_apply, cfg_scale=scale, uncond=uncond)
+    kw = dict(policy_apply=apply, ref_apply=ref_apply, cfg_scale=scale, uncond=uncond, mesh=wd.mesh,
+              solver=sampling.analysis_solver(cfg))
     ro = sampling.paired_sample_jit(variables, wd.ref_variables, x1, cond, grid, drive="policy", **kw)
     images = task.decode(ro["x0"])
     e = {"num_steps": num_steps, "cfg_scale": scale, **common.score(images, cond, prompts, reward_fn, quality),

@@ -51,13 +51,14 @@ def run(wd: workdir_lib.Workdir, out_dir, *, per_class=10, num_steps=None, cfg_s
   x1, cond, uncond = wd.place(x1), wd.place(cond), wd.place(uncond)
   reward_fn = common.reward_fn_for(cfg)
   ref_apply = wd.velocity_apply(wd.ref_model_cfg)
-  kw = dict(ref_apply=ref_apply, cfg_scale=cfg_scale, uncond=uncond)
+  kw = dict(ref_apply=ref_apply, cfg_scale=cfg_scale, uncond=uncond, mesh=wd.mesh,
+            solver=sampling.analysis_solver(cfg))
   score = lambda ro: _entry(ro, task, cond, prompts, reward_fn, quality)
 
   ro = sampling.paired_sample_jit(wd.ref_variables, wd.ref_variables, x1, cond, grid, policy_apply=ref_apply,
                                   drive="policy", **kw)
   result = {"settings": {"num_steps": num_steps, "cfg_scale": cfg_scale, "shift": float(cfg.rollout.shift),
-                         "mu": getattr(task, "grid_mu", None), "task": task.name, "samples": int(x1.shape[0]),
+                         "mu": sampling.task_mu(task, num_steps), "task": task.name, "samples": int(x1.shape[0]),
                          "eval_key": "seed + 777 (held out)"},
             "reference": score(ro), "runs": {}, "methods": {}}
   jobs = [(r, d) for r in wd.runs.values() for d in ("policy", "rescaled")]

@@ -13,12 +13,14 @@ Velocity functions are ``apply(variables, x, t, cond) -> v``; variables are argu
 compile serves every run of the same model config.
 """
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from normguard_jax.flow import norms, samplers, schedules
+from normguard_jax.flow import norms, samplers
+from normguard_jax.parallel import rules
 
 DRIVES = ("policy", "reference", "rescaled")
 
@@ -54,11 +56,11 @@ def _cosine(a, b, eps=1e-12):
 
 
 def paired_sample(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_apply, drive="policy",
-                  cfg_scale=1.0, uncond=None):
+                  cfg_scale=1.0, uncond=None, solver="euler"):
   """Returns dict: ``x0`` (B, ...), ``xs`` (K+1, B, ...), and per step (K, B): ``norm`` = ||v_theta||,
   ``norm_ref`` = ||v_ref||, ``rho`` = norm / norm_ref, ``norm_drive`` = norm of the velocity that moved x, and
   ``cos`` = cosine(v_theta, v_ref). ``drive`` is a name or its index in DRIVES (may be traced); ``uncond`` is the
-  unconditional input of CFG (needed when cfg_scale != 1)."""
+  unconditional input of CFG (needed when cfg_scale != 1); ``solver``: the ODE solver (flow/samplers.py)."""
   if isinstance(drive, str):
     if drive not in DRIVES:
       raise ValueError(f"unknown drive {drive!r}; expected one of {DRIVES}")
@@ -71,28 +73,32 @@ def paired_sample(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_ap
     n, n_ref = norms.velocity_norm(v), norms.velocity_norm(v_ref)
     return d, {"norm": n, "norm_ref": n_ref, "norm_drive": norms.velocity_norm(d), "cos": _cosine(v, v_ref)}
 
-  traj = samplers.sample(velocity_fn, x1, grid, None, noise_level=0.0)
+  traj = samplers.sample(velocity_fn, x1, grid, None, noise_level=0.0, solver=solver)
   a = traj.aux
   return {"x0": traj.xs[-1], "xs": traj.xs, "norm": a["norm"], "norm_ref": a["norm_ref"],
           "norm_drive": a["norm_drive"], "cos": a["cos"], "rho": a["norm"] / jnp.maximum(a["norm_ref"], 1e-12)}
 
 
-@functools.partial(jax.jit, static_argnames=("policy_apply", "ref_apply"))
-def _paired_sample_jit(policy_vars, ref_vars, x1, cond, uncond, grid, drive, cfg_scale, *, policy_apply, ref_apply):
+@functools.partial(jax.jit, static_argnames=("policy_apply", "ref_apply", "solver", "mesh"))
+def _paired_sample_jit(policy_vars, ref_vars, x1, cond, uncond, grid, drive, cfg_scale, *, policy_apply, ref_apply,
+                       solver, mesh):
   if uncond is None:  # no CFG possible: the scale is not used
     cfg_scale = 1.0
-  return paired_sample(policy_vars, ref_vars, x1, cond, grid, policy_apply=policy_apply, ref_apply=ref_apply,
-                       drive=drive, cfg_scale=cfg_scale, uncond=uncond)
+  # traced under the activation mesh when the analysis runs sharded (DESIGN.md §5; train/programs.py)
+  with (rules.activation_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+    return paired_sample(policy_vars, ref_vars, x1, cond, grid, policy_apply=policy_apply, ref_apply=ref_apply,
+                         drive=drive, cfg_scale=cfg_scale, uncond=uncond, solver=solver)
 
 
 def paired_sample_jit(policy_vars, ref_vars, x1, cond, grid, *, policy_apply, ref_apply, drive="policy",
-                      cfg_scale=1.0, uncond=None):
+                      cfg_scale=1.0, uncond=None, solver="euler", mesh=None):
   """Jitted :func:`paired_sample`; drive and CFG scale are traced, so one compile per (model pair, step count,
-  with or without ``uncond``)."""
+  with or without ``uncond``). ``mesh``: the analysis mesh (``--shard``), under which the program is traced."""
   if uncond is None and cfg_scale != 1.0:
     raise ValueError("CFG (cfg_scale != 1) needs the unconditional input uncond")
   return _paired_sample_jit(policy_vars, ref_vars, x1, cond, uncond, grid, jnp.int32(DRIVES.index(drive)),
-                            jnp.float32(cfg_scale), policy_apply=policy_apply, ref_apply=ref_apply)
+                            jnp.float32(cfg_scale), policy_apply=policy_apply, ref_apply=ref_apply, solver=solver,
+                            mesh=mesh)
 
 
 def repeat_rows(tree, n):
@@ -114,10 +120,16 @@ def eval_inputs(task, cfg, per_condition, seed_offset=777):
 
 
 def grid_for_task(task, cfg, num_steps):
-  """The task's sampling grid (the rollout's): the static shift, or FLUX's resolution-dependent mu."""
-  return grid_for(int(num_steps), float(cfg.rollout.shift), getattr(task, "grid_mu", None))
+  """The task's sampling grid, the rollout's own (task.sampling_grid: the recipe's grid kind, shift or FLUX mu)."""
+  del cfg
+  return jnp.asarray(task.sampling_grid(int(num_steps)))
 
 
-@functools.lru_cache(maxsize=None)
-def grid_for(num_steps, shift, mu=None):
-  return schedules.sampling_grid(int(num_steps), float(shift), mu)
+def analysis_solver(cfg):
+  """The ODE solver the analyses sample with: the run's evaluation solver (train/programs.eval_solver)."""
+  return cfg.eval.get("solver", "") or cfg.rollout.get("solver", "euler")
+
+
+def task_mu(task, num_steps):
+  """FLUX's time shift mu at this step count (recorded in the analysis settings), None for static-shift tasks."""
+  return task.grid_mu(int(num_steps)) if callable(getattr(task, "grid_mu", None)) else None

@@ -30,6 +30,10 @@ class RewardBatch:
 Reward = Callable[[RewardBatch], jax.Array]
 
 
+class RewardOptionsError(ValueError):
+  """A reward could not be built from its options (missing or wrong model files, a missing url, ...)."""
+
+
 def _toy(fn):
   def build(options):
     if options:
@@ -45,6 +49,7 @@ REGISTRY.update({
     "clip_score": "normguard_jax.rewards.clip_rewards:build_clip_score",
     "aesthetic": "normguard_jax.rewards.clip_rewards:build_aesthetic",  # LAION aesthetic MLP on CLIP embeds
     "remote": "normguard_jax.rewards.remote:build",  # HTTP reward server (HPSv3, GenEval, OCR, VLM judges)
+    "digit_classifier": "normguard_jax.rewards.digit_classifier:build",  # learned log p(class), digits part A
 })
 
 
@@ -77,7 +82,12 @@ def make_reward(terms, options=None):
   stray = sorted(set(options) - set(terms))
   if stray:
     raise ValueError(f"reward.options names reward(s) {stray} that are not in reward.terms")
-  rewards = {name: get_builder(name)(dict(options.get(name) or {})) for name in terms}
+  rewards = {}
+  for name in terms:
+    try:
+      rewards[name] = get_builder(name)(dict(options.get(name) or {}))
+    except (ValueError, KeyError, OSError) as e:  # bad options or model files: name the reward and its options
+      raise RewardOptionsError(f"reward.options.{name}: {e}") from e
 
   def reward_fn(batch):
     parts = {name: jnp.asarray(r(batch), jnp.float32) for name, r in rewards.items()}

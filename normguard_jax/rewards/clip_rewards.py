@@ -298,6 +298,21 @@ def clip_score(text_embeds, image_embeds, *, scale=1.0, clamp_min=None):
 def _text_image_reward(name, options, extra, score):
   opts = _options(name, options, {"model_dir"},
                   {"processor_dir": None, "attention_impl": "xla", "dtype": "float32", **extra})
+  for key in ("model_dir", "processor_dir"):
+    d = opts[key]
+    if key == "model_dir" or d:
+      d = os.path.expanduser(os.fspath(d or ""))
+      if not d or not os.path.isdir(d):
+        what = ("a local transformers CLIPModel dir: config.json + model.safetensors" if key == "model_dir"
+                else "its tokenizer.json + preprocessor_config.json")
+        raise ValueError(f"{key} {opts[key]!r} is not a directory: pass --config.reward.options.{name}.{key}=DIR "
+                         f"({what})")
+      need = ("config.json",) if key == "model_dir" else ("preprocessor_config.json",)
+      missing = [f for f in need if not os.path.isfile(os.path.join(d, f))]
+      if missing:
+        raise ValueError(f"{key} {d!r} has no {missing[0]}: is it the right directory? ({name} needs a "
+                         f"{'transformers CLIPModel' if key == 'model_dir' else 'CLIP processor'} dir)")
+      opts[key] = d
   scorer = load_scorer(os.fspath(opts["model_dir"]), opts["processor_dir"] and os.fspath(opts["processor_dir"]),
                        opts["attention_impl"], opts["dtype"])
 
