@@ -1,10 +1,99 @@
+"""Session set-up for the default test run (CPU only).
+
+* 8 simulated CPU devices for the sharding tests (DESIGN.md §8 tier 4); single-device code runs on device 0.
+* One JAX persistent compilation cache for the whole session, shared with the subprocesses the tests start (the
+  CLI runs, the two-process jobs): a program compiled once, in any process, is loaded from it afterwards.
+* The expensive things run once per session and every reader shares them: the digits smoke main job (all four
+  methods without and with NormGuard, through the real CLI, on one device) starts in the background as soon as a
+  selected test needs it, so it runs on the second core while the unit tests compile.
+"""
+
+import fcntl
+import json
 import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# 8 simulated CPU devices for the sharding tests (DESIGN.md §8 tier 4); single-device code runs on device 0.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The compilation cache (env vars, so that subprocesses share it); NORMGUARD_TEST_JAX_CACHE keeps it across sessions.
+_CACHE = os.environ.get("NORMGUARD_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="normguard_jax_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_device_env():
+  """The environment of a CLI subprocess on one CPU device (a loop on the 8 simulated devices only compiles
+  slower), sharing the session's compilation cache."""
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if "xla_force_host_platform_device_count" not in f)
+  return dict(os.environ, XLA_FLAGS=flags)
+
+
+DIGITS_SMOKE_ARGS = ("--config", "configs/tiny_digits.py:smoke", "--config.rl.methods=nft,awm,dpo,grpo",
+                     "--config.rl.normguard=off,on")
+
+
+def _shared_dir(tmp_path_factory, name):
+  """A directory that every pytest-xdist worker of this session sees (the plain session's own without xdist)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # the workers' basetemps are siblings under one session root
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@pytest.fixture(scope="session")
+def _digits_smoke_job(tmp_path_factory):
+  """Starts the digits smoke main job in a subprocess at the first test that needs it (see
+  _start_shared_jobs_early), once per session: under pytest-xdist the first worker to take the lock starts it and
+  the others wait for its exit status file."""
+  tmp = _shared_dir(tmp_path_factory, "digits_smoke")
+  with open(tmp / "start.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (tmp / "started").exists():
+      cmd = " ".join(shlex.quote(a) for a in [
+          sys.executable, "-m", "normguard_jax.train", *DIGITS_SMOKE_ARGS, "--workdir", str(tmp / "work"),
+          f"--config.pretrain.cache_dir={tmp / 'cache'}"])
+      # The exit status goes to a file (written atomically), so that every worker can wait for it.
+      log, rc = shlex.quote(str(tmp / "job.log")), shlex.quote(str(tmp / "rc"))
+      subprocess.Popen(["sh", "-c", f"{cmd} > {log} 2>&1; echo $? > {rc}.tmp && mv {rc}.tmp {rc}"], cwd=ROOT,
+                       env=one_device_env(), start_new_session=True)
+      (tmp / "started").write_text(str(time.time()))
+  yield tmp
+
+
+@pytest.fixture(scope="session")
+def digits_smoke(_digits_smoke_job):
+  """(workdir, report, tmp): the finished digits smoke job; its pretraining cache is tmp / 'cache'."""
+  tmp = _digits_smoke_job
+  deadline = time.time() + 1200
+  while not (tmp / "rc").exists():
+    assert time.time() < deadline, "the digits smoke job did not finish in 1200 s:\n" + (tmp / "job.log").read_text()[-4000:]
+    time.sleep(0.5)
+  rc = int((tmp / "rc").read_text().strip() or -1)
+  assert rc == 0, (tmp / "job.log").read_text()[-4000:]
+  work = tmp / "work"
+  return work, json.loads((work / "report.json").read_text()), tmp
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_shared_jobs_early(request):
+  """Start the shared background jobs as the session begins, when a selected test needs them."""
+  names = {n for item in request.session.items for n in getattr(item, "fixturenames", ())}
+  if "digits_smoke" in names:
+    request.getfixturevalue("_digits_smoke_job")
+  yield
