@@ -174,7 +174,7 @@ def _validate_text(cfg):
   _check(m.get("remat_policy", "full") in layers.REMAT_POLICIES, "model.remat_policy",
          f"expected one of {sorted(layers.REMAT_POLICIES)}")
   _check(isinstance(m.decode_batch, int) and m.decode_batch >= 0, "model.decode_batch",
-         "must be an integer >= 0 (0 = decode all rows at once)")
+         "must be an integer >= 0: rows per chip per VAE decode call (0 = all rows at once)")
   _check(cfg.rollout.cfg_scale >= 1.0, "rollout.cfg_scale", "must be >= 1 (1 = no CFG)")
   for field in ("dtype", "param_dtype"):
     _check(m[field] in ("float32", "bfloat16", "float16"), f"model.{field}",

@@ -77,6 +77,8 @@ def test_cli_reports_the_three_programs_on_cpu_devices(reports):
                                  - mem["alias_size_in_bytes"] + mem["temp_size_in_bytes"]
                                  - e.get("shared_argument_bytes", 0))
     assert e["cost"]["flops_corrected"] >= e["cost"]["flops"] > 0 and e["model_flops"] > 0
+  decode = out["programs"]["vae_decode"]  # task.decode on the mesh: each chip decodes only its rows
+  assert decode["rows_split"] and decode["rows"] == 8 * decode["rows_per_chip"]
   rollout = out["programs"]["rollout"]  # the frozen params, passed as sampling and as reference variables
   assert 0 < rollout["shared_argument_bytes"] < rollout["memory"]["argument_size_in_bytes"] / 2
   # The scanned programs' loops are counted: 16 microbatches, the sampler's steps.
@@ -148,3 +150,28 @@ def test_hlo_cost_counts_loop_bodies_by_trip_count():
   assert scanned["flops_corrected"] == pytest.approx(unrolled["flops"], rel=0.05)
   assert scanned["hlo_walk"]["flops_once"] == pytest.approx(scanned["flops"], rel=0.01)  # the walk agrees with XLA
   assert unrolled["hlo_walk"]["bytes_once"] == pytest.approx(unrolled["bytes accessed"], rel=0.01)
+
+
+def test_sharded_vae_decode_equals_the_one_device_decode(tiny_weights_dir):
+  """task.decode on a mesh (each chip decodes its rows) gives the one-device decode's pixels, in chunks of
+  model.decode_batch rows per chip; the rows come back split over the batch axes."""
+  import numpy as np
+  from normguard_jax import tasks
+  from normguard_jax.parallel import mesh as mesh_lib, sharding
+  cfg, _ = aot.load_recipe(os.path.join(ROOT, RECIPE), [f"model.weights_dir={tiny_weights_dir}", "model.resolution=32",
+                                                         "model.decode_batch=1", "model.param_dtype=float32",
+                                                         "model.dtype=float32"])
+  task = tasks.make_task(cfg, text_len=8)
+  shapes = aot._vae_shapes(task.vae_cfg)
+  leaves, tree = jax.tree_util.tree_flatten(shapes)
+  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+  params = jax.tree_util.tree_unflatten(tree, [0.2 * jax.random.normal(k, s.shape, jnp.float32)
+                                               for k, s in zip(keys, leaves)])
+  task._vae_params = params
+  z = jax.random.normal(jax.random.PRNGKey(1), (16,) + tuple(task.latent_shape))
+  want = np.asarray(task.decode(z))  # no mesh: one device
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  assert sharding.batch_size_divisor(mesh) == 8
+  task.use_mesh(mesh)
+  got = task.decode(sharding.place_rows(z, mesh))  # 2 rows per chip, decoded 1 at a time (lax.map)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

@@ -270,9 +270,8 @@ def load_workdir(workdir, runs: Optional[List[str]] = None, require_done=True, o
       if not same:
         log.warning("run %s has different frozen (reference) params from the first run; using the first", name)
     loaded[name] = run
-  if mesh is not None:
-    from normguard_jax.parallel import sharding
-    task.place_decoder(sharding.replicated(mesh))
+  if mesh is not None and hasattr(task, "use_mesh"):
+    task.use_mesh(mesh)  # the VAE decode splits its rows over the mesh
   return Workdir(path=workdir, cfg=cfg, ref_model_cfg=task.model_config(0), ref_params=ref_params, runs=loaded,
                  task=task, mesh=mesh)
 

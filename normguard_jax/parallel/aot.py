@@ -10,7 +10,8 @@ it) makes, from abstract shapes only (no weights, no data), the programs of one 
   * ``train_step``: one optimizer update, with the recipe's microbatches, remat policy, attention implementation,
     fusion, LoRA targets, param dtypes (frozen params in ``model.param_dtype``, trainable and optimizer in f32);
   * ``rollout``: the sampler at ``rollout.chunk`` rows (all the iteration's rows when 0);
-  * ``vae_decode``: the VAE decode at ``model.decode_batch`` rows, as ``task.decode`` runs it.
+  * ``vae_decode``: the VAE decode at ``model.decode_batch`` rows per chip, split over the mesh as ``task.decode``
+    runs it.
 ``--rows-per-chip N`` puts every program at N rows per chip instead (train_step: N rows per chip per microbatch).
 Without it the recipe's own sizes are used (train_step: its per-chip microbatch). ``--program`` picks some.
 
@@ -525,17 +526,13 @@ def lower_program(recipe, program, rows_per_chip=None):
     params = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding.replicated(mesh)),
         _vae_shapes(task.vae_cfg))
-    rollout_rows = _rollout_rows(cfg)
-    if rows_per_chip is not None:
-      rows, split = int(rows_per_chip) * n, True
-    else:
-      rows = min(int(cfg.model.decode_batch) or rollout_rows, rollout_rows)
-      split = rows == rollout_rows and rows % n == 0  # task.decode slices smaller chunks: replicated rows
-    shape = (rows,) + tuple(task.latent_shape)
-    z = (_rows(mesh, shape, jnp.float32) if split
-         else jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding.replicated(mesh)))
-    lowered = text_to_image._decode_jit.lower(params, z, decode_fn=task.vae_decode, vae_cfg=task.vae_cfg)
-    return lowered, {"rows": rows, "rows_per_chip": rows // n if split else rows, "rows_split": bool(split)}
+    # task.decode on the mesh: model.decode_batch rows per chip per call (all the rollout's rows when 0)
+    per_chip = int(rows_per_chip) if rows_per_chip is not None else (
+        int(cfg.model.decode_batch) or max(_rollout_rows(cfg) // n, 1))
+    rows = per_chip * n
+    z = _rows(mesh, (rows,) + tuple(task.latent_shape), jnp.float32)
+    lowered = text_to_image.sharded_decode_program(task.vae_decode, task.vae_cfg, mesh, per_chip).lower(params, z)
+    return lowered, {"rows": rows, "rows_per_chip": per_chip, "rows_split": True}
   raise ValueError(f"unknown program {program!r}; expected one of {PROGRAMS}")
 
 

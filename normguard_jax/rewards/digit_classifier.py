@@ -22,6 +22,7 @@ reproduce the held-out score stored with them, is rebuilt, never trusted. Nothin
 """
 
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -200,10 +201,23 @@ def _holdout_check(params, temperature, images, labels, cfg):
 def load_or_train(cache_dir=DEFAULT_CACHE_DIR, seed=0, part="A", cfg: TrainConfig = TrainConfig()):
   """Returns (params, temperature, info). Restores the orbax cache when present, readable and consistent; else
   trains, calibrates and saves. ``info``: cache path, cached, train_s (when trained), temperature, and the held-out
-  accuracy and mean log p_T (``holdout_acc``, ``holdout_logp``)."""
+  accuracy and mean log p_T (``holdout_acc``, ``holdout_logp``).
+
+  Several single-process jobs on one machine (parallel tests, a sweep) may ask at once: they take turns on a lock
+  file in the cache root, so one trains and the others restore. Multi-process jobs skip the lock (their save is an
+  orbax collective that every process must enter together)."""
+  root = os.path.abspath(os.path.expanduser(str(cache_dir)))
+  if jax.process_count() > 1:
+    return _load_or_train(root, seed, part, cfg)
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return _load_or_train(root, seed, part, cfg)
+
+
+def _load_or_train(root, seed, part, cfg):
   images, labels = digits.load_digits(part)
   fit, held = _holdout_split(labels, cfg.holdout_frac)
-  root = os.path.abspath(os.path.expanduser(str(cache_dir)))
   path = os.path.join(root, f"digit_classifier-{cache_key(cfg, seed, part, images, labels)}")
   abstract = jax.tree_util.tree_map(
       lambda s: np.zeros(s.shape, s.dtype),

@@ -18,6 +18,7 @@ and, for the analysis commands (normguard_jax.analysis), which read a finished w
   cfg_available() -> bool                         whether uncond() can run (a negative prompt on disk)
   decoder() -> (decode_fn(params, z), params)     the decoder as a pure, differentiable function (adjoint)
   place_decoder(sharding)                         put the decoder params there (analysis on a mesh)
+  use_mesh(mesh)                                  latent tasks: decode with the rows split over the mesh
 """
 
 import importlib

@@ -36,6 +36,33 @@ def _decode_jit(params, z, *, decode_fn, vae_cfg):
   return decode_fn(params, z, vae_cfg)
 
 
+@functools.lru_cache(maxsize=8)
+def sharded_decode_program(decode_fn, vae_cfg, mesh, per_chip=0):
+  """The VAE decode on a mesh, traced under the activation mesh: the latent rows (n, ...) split over the batch axes
+  ('data', 'fsdp'), params replicated, pixels out split the same way. Each chip decodes only its own n / ways rows,
+  ``per_chip`` at a time (a ``lax.map`` over local chunks: no communication; 0 = all at once). A plain jit of a
+  sliced global array would decode every row on every chip."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from normguard_jax.parallel import rules, sharding as sharding_lib
+  batch_axes = rules.batch_sharding(mesh, 1).spec[0]
+  ways = sharding_lib.batch_size_divisor(mesh)
+
+  def decode(params, z):
+    with rules.activation_mesh(mesh):
+      local = z.shape[0] // ways
+      c = max(d for d in range(1, (per_chip or local) + 1) if local % d == 0)  # rows per chip per map step
+      zz = z.reshape((ways, local // c, c) + z.shape[1:])  # chip d's rows are zz[d]: the rows' contiguous layout
+      zz = jax.lax.with_sharding_constraint(jnp.moveaxis(zz, 1, 0), NamedSharding(mesh, P(None, batch_axes)))
+
+      def step(zc):  # (ways, c, ...) -> pixels, every chip on its own c rows
+        x = decode_fn(params, zc.reshape((ways * c,) + zc.shape[2:]), vae_cfg)
+        return jax.lax.with_sharding_constraint(x.reshape((ways, c) + x.shape[1:]),
+                                                NamedSharding(mesh, P(batch_axes)))
+      out = jax.lax.map(step, zz)  # (local / c, ways, c, H, W, C)
+      return jnp.moveaxis(out, 0, 1).reshape((z.shape[0],) + out.shape[3:])
+  return jax.jit(decode, out_shardings=NamedSharding(mesh, P(batch_axes)))
+
+
 class TextToImageTask:
   quality_labels = {}  # no proxies in the trainer: held-out evaluation is normguard_jax.analysis's job
 
@@ -46,6 +73,7 @@ class TextToImageTask:
     self.text_len = text_len
     self._negative = None
     self._vae_params = None
+    self._decode_mesh = None  # use_mesh: decode with rows split over this mesh
     if text_len is not None:
       self.data = self.eval_data = self.held_out = None
       return
@@ -158,6 +186,11 @@ class TextToImageTask:
     """Put the VAE params on ``sharding`` (replicated over the analysis mesh)."""
     self._vae_params = jax.device_put(self.load_decoder(), sharding)
 
+  def use_mesh(self, mesh):
+    """Decode on ``mesh`` from now on (:func:`sharded_decode_program`), the VAE params replicated over it."""
+    self._decode_mesh = mesh
+    self.place_decoder(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
   def decoder(self):
     """-> (decode_fn(params, z) -> pixels, params): the VAE decoder as a pure function (differentiable, for the
     adjoint analysis) and its params."""
@@ -211,9 +244,19 @@ class TextToImageTask:
     return jax.tree_util.tree_map(lambda a: np.repeat(a, rows, axis=0), neg)
 
   def decode(self, latents):
-    """Latents -> pixels in [-1, 1], in chunks of ``model.decode_batch`` rows (VAE activations are large)."""
+    """Latents -> pixels in [-1, 1], in chunks of ``model.decode_batch`` rows per chip (VAE activations are large).
+
+    On a mesh (:meth:`use_mesh`) the rows are split over its batch axes, each chip decoding only its own; row
+    counts the batch axes do not divide (never the loop's: config.check_batch_layout) decode on every chip."""
     params = self.load_decoder()
-    n, chunk = latents.shape[0], int(self.cfg.model.decode_batch) or latents.shape[0]
+    mesh = getattr(self, "_decode_mesh", None)
+    per_call = int(self.cfg.model.decode_batch)
+    n = latents.shape[0]
+    if mesh is not None and mesh.size > 1:
+      from normguard_jax.parallel import sharding as sharding_lib
+      if n % sharding_lib.batch_size_divisor(mesh) == 0:
+        return sharded_decode_program(self.vae_decode, self.vae_cfg, mesh, per_call)(params, latents)
+    n, chunk = latents.shape[0], per_call or latents.shape[0]
     if n <= chunk:
       return self._decode(params, latents)
     return jnp.concatenate([self._decode(params, latents[i:i + chunk]) for i in range(0, n, chunk)])

@@ -472,6 +472,8 @@ def run(cfg, workdir, guard=None):
   with phase("the reference model (load and convert, or pretrain)"):
     ref_params, pre_info = task.reference(workdir, guard)
   pre_info["wall_s"] = time.time() - t0
+  if hasattr(task, "use_mesh"):  # latent tasks: the VAE decode splits its rows over the mesh
+    task.use_mesh(mesh)
   evaluator = Evaluator(cfg, task, reward_fn, mesh)
   ref_eval, ref_images, ref_error = {}, None, None
   try:
