@@ -97,3 +97,16 @@ def _start_shared_jobs_early(request):
   if "digits_smoke" in names:
     request.getfixturevalue("_digits_smoke_job")
   yield
+
+
+# The modules that take minutes, longest first (durations measured on 2 cores). With `pytest -n 2 --dist loadfile`
+# (the README's command) each module runs whole on one worker (module fixtures are built once) and the workers take
+# modules in this order, so the long ones start first and the short ones fill in around them. Without xdist the
+# order only moves these modules to the front.
+HEAVY_FIRST = ("test_multihost.py", "test_real_path.py", "test_aot.py", "test_flux_recipe.py", "test_loop.py",
+               "test_analysis.py", "test_sharding.py", "test_train_step.py", "test_model.py", "test_checkpoint.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(HEAVY_FIRST)))  # stable
