@@ -107,6 +107,13 @@ HEAVY_FIRST = ("test_multihost.py", "test_real_path.py", "test_aot.py", "test_fl
                "test_analysis.py", "test_sharding.py", "test_train_step.py", "test_model.py", "test_checkpoint.py")
 
 
+def pytest_configure(config):
+  # --dist loadfile would otherwise reorder the modules by their number of tests (pytest-xdist >= 3.6), putting
+  # the two-test multi-host module last; keep HEAVY_FIRST's order instead.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
   items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(HEAVY_FIRST)))  # stable
