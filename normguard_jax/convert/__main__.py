@@ -36,6 +36,7 @@ import os
 import sys
 
 import numpy as np
+from normguard_jax.tools import command
 
 MANIFEST = "manifest.json"
 CHECKPOINT_MARKER = "_CHECKPOINT_METADATA"  # orbax CheckpointManager: a finalised step folder
@@ -404,11 +405,7 @@ def main(argv=None):
     raise SystemExit(2) from e
 
 
-def cli(argv=None):
-  """The installed command: ``main`` returns its result (for Python callers); the shell gets exit status 0 (errors
-  exit 2 through SystemExit)."""
-  main(argv)
-  return 0
+cli = command.installed(main)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from normguard_jax.data import text_embeddings
+from normguard_jax.tools import command
 
 
 def read_prompts(path, split: Optional[str] = None) -> List[str]:
@@ -460,11 +461,7 @@ def main(argv=None):
   return out
 
 
-def cli(argv=None):
-  """The installed command: ``main`` returns its result (for Python callers); the shell gets exit status 0 (errors
-  exit 2 through SystemExit)."""
-  main(argv)
-  return 0
+cli = command.installed(main)
 
 
 if __name__ == "__main__":

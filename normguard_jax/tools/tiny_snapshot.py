@@ -44,6 +44,7 @@ import shutil
 import sys
 import tempfile
 import time
+from normguard_jax.tools import command
 
 FAMILIES = ("sd35", "flux1", "flux2-klein")
 PIPELINE_CLASS = {"sd35": "StableDiffusion3Pipeline", "flux1": "FluxPipeline", "flux2-klein": "Flux2KleinPipeline"}
@@ -351,11 +352,7 @@ def main(argv=None):
   return result
 
 
-def cli(argv=None):
-  """The installed command: ``main`` returns its result (for Python callers); the shell gets exit status 0 (errors
-  exit 2 through SystemExit)."""
-  main(argv)
-  return 0
+cli = command.installed(main)
 
 
 if __name__ == "__main__":
