@@ -175,3 +175,26 @@ def test_sharded_vae_decode_equals_the_one_device_decode(tiny_weights_dir):
   task.use_mesh(mesh)
   got = task.decode(sharding.place_rows(z, mesh))  # 2 rows per chip, decoded 1 at a time (lax.map)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_libtpu_flags_keep_the_users_values_and_the_launchers_export_the_same_list():
+  """One flag list (parallel/tpu_flags.py) for the runs, the AOT check and launch/libtpu_flags.env; with libtpu
+  installed, libtpu accepts every flag (an unknown one aborts its start: it did, for one flag of the old list)."""
+  import subprocess
+  import sys
+  from normguard_jax.parallel import tpu_flags
+  crs = "--xla_jf_crs_combiner_threshold_in_bytes"
+  merged = tpu_flags.init_args(f"{crs}=1 --xla_user_flag=2").split()
+  assert f"{crs}=1" in merged and "--xla_user_flag=2" in merged and f"{crs}=16777216" not in merged
+  assert set(tpu_flags.LIBTPU_FLAGS) - {f"{crs}=16777216"} <= set(merged)
+  env = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}
+  out = subprocess.run(["bash", "-c", 'source launch/libtpu_flags.env && echo "$LIBTPU_INIT_ARGS"'], cwd=ROOT,
+                       env=env, capture_output=True, text=True, check=True).stdout
+  assert out.split() == list(tpu_flags.LIBTPU_FLAGS)
+  if importlib.util.find_spec("libtpu") is None:
+    return  # the check below needs libtpu (pip install "jax[tpu]"); CI's venvs do not have it
+  probe = ("from normguard_jax.parallel import tpu_flags; tpu_flags.apply(); "
+           "from jax.experimental import topologies; topologies.get_topology_desc('v5p:2x2x1', platform='tpu')")
+  r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                     env=dict(env, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1"))
+  assert r.returncode == 0 and "Unknown command line flag" not in r.stderr, r.stderr[-2000:]

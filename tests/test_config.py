@@ -64,14 +64,15 @@ def _cli(*args):
                         timeout=120)
 
 
-def test_cli_bad_key_and_missing_workdir_parent_fail_fast(tmp_path):
-  r = _cli("--config", CFG, "--workdir", str(tmp_path / "w"), "--config.rl.bogus=1")
+def test_cli_bad_key_and_missing_workdir_parent_fail_fast(tmp_path, capsys):
+  r = _cli("--config", CFG, "--workdir", str(tmp_path / "w"), "--config.rl.bogus=1")  # the shell's exit status
   assert r.returncode == 2 and "unknown config key 'rl.bogus'" in r.stderr
-  r = _cli("--config", CFG, "--workdir", str(tmp_path / "missing" / "w"))
-  assert r.returncode == 2 and "workdir parent" in r.stderr
+  from normguard_jax.train import __main__ as cli  # the same main(argv), in this process (no interpreter start)
+  assert cli.main(["--config", CFG, "--workdir", str(tmp_path / "missing" / "w")]) == 2
+  assert "workdir parent" in capsys.readouterr().err
   assert not (tmp_path / "missing").exists()
-  r = _cli("--config", "configs/nope.py", "--workdir", str(tmp_path / "w"))
-  assert r.returncode == 2 and "config file not found" in r.stderr
+  assert cli.main(["--config", "configs/nope.py", "--workdir", str(tmp_path / "w")]) == 2
+  assert "config file not found" in capsys.readouterr().err
 
 
 def test_open_groups_take_new_keys_and_unknown_keys_suggest_the_right_one():

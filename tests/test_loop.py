@@ -124,11 +124,12 @@ def _final_state(workdir):
   return out.state, out.meta
 
 
-def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, digits_smoke):
+@pytest.mark.slow
+def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   import random
   import signal
   import time
-  cache = digits_smoke[2] / "cache"  # the session's pretrained smoke reference
+  cache = tmp_path / "cache"  # the first run pretrains the smoke reference into it, the others read it
   full = _run_cli(tmp_path / "full", cache)
   assert full.wait(timeout=300) == 0, full.stderr.read()[-2000:]
   kill_at = random.Random().randint(1, 6)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 
@@ -91,6 +92,7 @@ def _final_state(workdir):
   return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
+@pytest.mark.slow
 def test_two_hosts_run_the_tiny_recipe_like_one_and_agree_on_preemption_and_damage(tmp_path):
   """The main job itself on two processes x 2 CPU devices equals one process x 4 devices (same mesh). Then the
   faults of a pod: SIGTERM reaches only process 1, yet both processes save at the same iteration and exit 3; that

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normguard_jax import config as config_lib
-from normguard_jax.parallel import mesh as mesh_lib, rules, sharding
+from normguard_jax.parallel import mesh as mesh_lib, rules, sharding, tpu_flags
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 PRESETS = ("sd35_medium", "sd35_large", "flux1_dev", "flux2_klein_4b")
@@ -762,6 +762,8 @@ def main(argv=None):
     flag = f"--xla_force_host_platform_device_count={args.topology.split(':', 1)[1]}"
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()  # before JAX starts
+  else:
+    tpu_flags.apply()  # the training runs' libtpu flags, before libtpu starts: the figures are the run's
   try:
     cfg, preset = load_recipe(args.config, [a[len("--config."):] for a in rest], args.preset)
   except (config_lib.ConfigError, ValueError) as e:
@@ -795,6 +797,7 @@ def main(argv=None):
          "devices": len(devices), "device_kind": str(getattr(devices[0], "device_kind", "")),
          "chip": dataclasses.asdict(CHIPS[chip]) | {"kind": chip} if chip else None,
          "hbm_bytes": hbm, "mesh": {k: int(v) for k, v in recipe.mesh.shape.items()},
+         "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS") if chip else None,
          "batch_devices": recipe.batch_devices, "method": recipe.method, "normguard": recipe.use_ng,
          "lora_rank": int(cfg.rl.lora_rank), "lora_targets": cfg.rl.lora_targets,
          "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype, "remat": bool(cfg.model.remat),

@@ -75,7 +75,8 @@ def main(argv=None):
     overrides.append(item[len("--config."):])
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
-  from normguard_jax.parallel import distributed
+  from normguard_jax.parallel import distributed, tpu_flags
+  tpu_flags.apply()  # the libtpu flags the AOT check compiled with (read by libtpu only; before JAX starts)
   distributed.maybe_initialize()  # multi-host (TPU pod, or NORMGUARD_COORDINATOR=...): before any computation
   import jax
   main_process = distributed.is_main_process()
