@@ -21,10 +21,9 @@ LIBTPU_FLAGS = (
     "--xla_tpu_data_parallel_opt_different_sized_ops=true",
     # Per-chip memory independent of the pod (issue 13): from 64 chips on (v5p-128), libtpu gathers the FSDP weight
     # shards of the sampler as all-reduces and its combiner merges a whole MMDiT block's weights (~170 MB bf16 for
-    # SD3.5-M) into one buffer, two blocks in flight: the rollout's temporaries were 0.47 GiB per chip at v5p-128
-    # against 0.25 at v5p-8 (1 row per chip). Capping a combined all-reduce at 16 MiB brings v5p-128 to 0.28 GiB
-    # (measured AOT, libtpu 0.0.42.1; README "Check memory before booking a pod"). Its effect on step time is not
-    # measured (no TPU was available).
+    # SD3.5-M) into one all-reduce (seen in the compiled HLO). SD3.5-M rollout, 1 row per chip, measured AOT (libtpu
+    # 0.0.42.1): temporaries 0.47 GiB per chip at v5p-128 without this cap (with or without the flags above), 0.28 GiB
+    # with it; 0.28 GiB at v5p-8 with this whole list. Its effect on step time is not measured (no TPU was available).
     "--xla_jf_crs_combiner_threshold_in_bytes=16777216",
 )
 
