@@ -1,5 +1,5 @@
-"""The libtpu flags of every TPU program: the training runs, the AOT memory check and the benchmarks compile with the
-same ones, so that the AOT tool's per-chip figures are those of the run.
+"""The libtpu flags of the TPU programs: the training runs and the AOT memory check compile with the same ones, so
+that the AOT tool's per-chip figures are those of the run.
 
 Dependency-free on purpose: ``launch/libtpu_flags.env`` runs ``python3 normguard_jax/parallel/tpu_flags.py`` (any
 Python, no venv) to export ``LIBTPU_INIT_ARGS``; ``python -m normguard_jax.train`` and ``parallel/aot.py`` call
