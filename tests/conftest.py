@@ -1,6 +1,9 @@
 """Session set-up for the default test run (CPU only).
 
 * 8 simulated CPU devices for the sharding tests (DESIGN.md §8 tier 4); single-device code runs on device 0.
+* Compile speed over code speed (the programs are tiny; compile time dominates the run): XLA's LLVM optimisation
+  off and XLA's older CPU fusion emitters where the jaxlib has them, in this process and every test subprocess;
+  ``NORMGUARD_TEST_OPTIMIZE=1`` keeps XLA's defaults.
 * One JAX persistent compilation cache for the whole session, shared with the subprocesses the tests start (the
   CLI runs, the two-process jobs): a program compiled once, in any process, is loaded from it afterwards.
 * The expensive things run once per session and every reader shares them: the digits smoke main job (all four
@@ -18,8 +21,43 @@ import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA flags that make the CPU compiler faster on the test programs (the numerics stay within every test's
+# tolerance); off with NORMGUARD_TEST_OPTIMIZE=1. XLA's CPU backend compiles each fusion through its MLIR fusion
+# emitters; its older elemental emitters compile these tiny programs faster (measured on 2 cores, one process:
+# tests/test_train_step.py + tests/test_model.py 80 s -> 49 s). Not every jaxlib has the flag (JAX 0.12's has not)
+# and an unknown XLA flag aborts the process, so the first process of the session tries each flag in a throwaway
+# interpreter and passes the ones that work to every other process in NORMGUARD_TEST_XLA_FLAGS.
+FAST_COMPILE_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+
+
+def _supported_xla_flags(flags):
+  env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True)
+  if probe.returncode == 0:
+    return list(flags)
+  return [f for f in flags if len(flags) > 1 and _supported_xla_flags((f,))]
+
+
+if "NORMGUARD_TEST_XLA_FLAGS" not in os.environ:
+  os.environ["NORMGUARD_TEST_XLA_FLAGS"] = (" ".join(_supported_xla_flags(FAST_COMPILE_XLA_FLAGS))
+                                           if os.environ.get("NORMGUARD_TEST_OPTIMIZE") != "1" else "")
+
+
+def xla_default_compiler_options():
+  """``compiler_options`` for ``jax.jit`` that undo the session's compile-speed flags, for a test whose point is
+  bit-for-bit equality of two programs under XLA's default CPU code generation."""
+  flags = os.environ.get("NORMGUARD_TEST_XLA_FLAGS", "").split()
+  return {"xla_cpu_use_fusion_emitters": True} if "--xla_cpu_use_fusion_emitters=false" in flags else {}
+
+
+def xla_flags(devices):
+  """XLA_FLAGS for a test process on ``devices`` simulated CPU devices: the device count and the session's
+  compile-speed flags."""
+  return f"--xla_force_host_platform_device_count={devices} {os.environ.get('NORMGUARD_TEST_XLA_FLAGS', '')}".strip()
+
+
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 # The compilation cache (env vars, so that subprocesses share it); NORMGUARD_TEST_JAX_CACHE keeps it across sessions.
 _CACHE = os.environ.get("NORMGUARD_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="normguard_jax_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)

@@ -13,7 +13,8 @@ import sys
 
 out, pid, port, url = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
+                           + os.environ.get("NORMGUARD_TEST_XLA_FLAGS", ""))  # tests/conftest.py's compile flags
 os.environ.update(NORMGUARD_COORDINATOR=f"127.0.0.1:{port}", NORMGUARD_NUM_PROCESSES="2",
                   NORMGUARD_PROCESS_ID=str(pid))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -13,7 +13,8 @@ import sys
 
 mode, out = sys.argv[1], sys.argv[2]
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 if mode == 'multi' else 4}"
+os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={2 if mode == 'multi' else 4} "
+                           + os.environ.get("NORMGUARD_TEST_XLA_FLAGS", ""))  # tests/conftest.py's compile flags
 if mode == "multi":
   os.environ.update(NORMGUARD_COORDINATOR=f"127.0.0.1:{sys.argv[4]}", NORMGUARD_NUM_PROCESSES="2",
                     NORMGUARD_PROCESS_ID=sys.argv[3])

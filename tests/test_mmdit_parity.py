@@ -18,6 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from normguard_jax.convert import sd3 as convert_sd3  # noqa: E402
 from normguard_jax.models import mmdit  # noqa: E402
+from tests.conftest import xla_default_compiler_options
 from tests.torch_helpers import errors, randomize_torch
 
 ABS_TOL, REL_TOL, EMB_TOL = 2e-5, 1e-5, 1e-6
@@ -193,9 +194,11 @@ def test_lora_gate_zero_is_base_exactly(models):
     assert n_targets == (12 + 8 + 7 if scan_layers else 12 + 12 + 8 + 7)
     x, t, cond = make_inputs(cfg, size=8)
     base_cfg = dataclasses.replace(cfg, lora_rank=0)
-    base = jax.jit(lambda v: mmdit.velocity(v, x, t, cond, cfg=base_cfg))({"params": params})
+    opts = xla_default_compiler_options()  # XLA's default CPU emitters (the test session may run others)
+    base = jax.jit(lambda v: mmdit.velocity(v, x, t, cond, cfg=base_cfg), compiler_options=opts)({"params": params})
     gate = jnp.array([[0.0], [1.0]])
-    out = jax.jit(lambda v: mmdit.velocity(v, x, t, cond, cfg=cfg, lora_gate=gate))({"params": params, "lora": lora})
+    out = jax.jit(lambda v: mmdit.velocity(v, x, t, cond, cfg=cfg, lora_gate=gate),
+                  compiler_options=opts)({"params": params, "lora": lora})
     np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(base[0]))
     assert float(jnp.max(jnp.abs(out[1] - base[1]))) > 1e-3
 

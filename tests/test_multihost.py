@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags
+
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 
 
@@ -63,7 +65,7 @@ def _train_cmd(workdir, cache, iterations):
 
 
 def _launch(repo, cmd, devices, rank=None, port=None):
-  env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
   if rank is not None:
     env.update(NORMGUARD_COORDINATOR=f"127.0.0.1:{port}", NORMGUARD_NUM_PROCESSES="2", NORMGUARD_PROCESS_ID=str(rank))
   return subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
