@@ -12,6 +12,7 @@
 """
 
 import fcntl
+import gc
 import json
 import os
 import shlex
@@ -71,6 +72,17 @@ if os.environ.get("NORMGUARD_TEST_OPTIMIZE") != "1":
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Python's cyclic garbage collector, run every 700 allocations by default, scans the many small objects that JAX
+# tracing makes (4% of one AOT compile's profile); a higher threshold, and the collected test items frozen out of
+# its scans, save 7-11% (measured, one process: test_train_step + test_model 49.7 s -> 44.4 s; + test_flux_recipe
+# 86.3 s -> 80.1 s; the same peak memory). Cycles are still collected.
+gc.set_threshold(50_000, 50, 100)
+
+
+def pytest_collection_finish(session):
+  gc.collect()
+  gc.freeze()
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
