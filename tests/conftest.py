@@ -28,27 +28,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tests/test_train_step.py + tests/test_model.py 80 s -> 49 s). Not every jaxlib has the flag (JAX 0.12's has not)
 # and an unknown XLA flag aborts the process, so the first process of the session tries each flag in a throwaway
 # interpreter and passes the ones that work to every other process in NORMGUARD_TEST_XLA_FLAGS.
-FAST_COMPILE_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+FAST_COMPILE_XLA_FLAGS = {"xla_cpu_use_fusion_emitters": ("false", True)}  # name: (the tests' value, XLA's default)
 
 
-def _supported_xla_flags(flags):
-  env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
-  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True)
-  if probe.returncode == 0:
-    return list(flags)
-  return [f for f in flags if len(flags) > 1 and _supported_xla_flags((f,))]
+def _works(flag):
+  """Whether a JAX process starts with ``flag`` in XLA_FLAGS (tried in a throwaway interpreter)."""
+  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True).returncode == 0
 
 
 if "NORMGUARD_TEST_XLA_FLAGS" not in os.environ:
-  os.environ["NORMGUARD_TEST_XLA_FLAGS"] = (" ".join(_supported_xla_flags(FAST_COMPILE_XLA_FLAGS))
-                                           if os.environ.get("NORMGUARD_TEST_OPTIMIZE") != "1" else "")
+  os.environ["NORMGUARD_TEST_XLA_FLAGS"] = "" if os.environ.get("NORMGUARD_TEST_OPTIMIZE") == "1" else " ".join(
+      f for f in (f"--{name}={value}" for name, (value, _) in FAST_COMPILE_XLA_FLAGS.items()) if _works(f))
 
 
 def xla_default_compiler_options():
   """``compiler_options`` for ``jax.jit`` that undo the session's compile-speed flags, for a test whose point is
   bit-for-bit equality of two programs under XLA's default CPU code generation."""
-  flags = os.environ.get("NORMGUARD_TEST_XLA_FLAGS", "").split()
-  return {"xla_cpu_use_fusion_emitters": True} if "--xla_cpu_use_fusion_emitters=false" in flags else {}
+  active = os.environ.get("NORMGUARD_TEST_XLA_FLAGS", "").split()
+  return {name: default for name, (value, default) in FAST_COMPILE_XLA_FLAGS.items()
+          if f"--{name}={value}" in active}
 
 
 def xla_flags(devices):
